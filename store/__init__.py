@@ -1,0 +1,42 @@
+"""Versioned soft-label store: teacher outputs per training image as plain Zarr v3 labelsets (no torch needed)."""
+
+from store.catalog import LabelsetSummary, StagingSummary, delete, describe, list_labelsets, list_staging
+from store.errors import (
+    CorruptChunkError,
+    ImageIdError,
+    IncompleteLabelsetError,
+    InvalidLabelsetIdError,
+    LabelsetExistsError,
+    LabelsetNotFoundError,
+    StoreError,
+)
+from store.layout import VIEW_PARAM_COLUMNS, validate_labelset_id
+from store.provenance import LabelsetSpec, Provenance
+from store.reader import LabelsetReader
+from store.tempering import dense_from_topk, softmax, top_k
+from store.writer import LabelsetWriter
+
+__all__ = [
+    "CorruptChunkError",
+    "ImageIdError",
+    "IncompleteLabelsetError",
+    "InvalidLabelsetIdError",
+    "LabelsetExistsError",
+    "LabelsetNotFoundError",
+    "LabelsetReader",
+    "LabelsetSpec",
+    "LabelsetSummary",
+    "LabelsetWriter",
+    "Provenance",
+    "StagingSummary",
+    "StoreError",
+    "VIEW_PARAM_COLUMNS",
+    "delete",
+    "dense_from_topk",
+    "describe",
+    "list_labelsets",
+    "list_staging",
+    "softmax",
+    "top_k",
+    "validate_labelset_id",
+]

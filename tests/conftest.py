@@ -1,0 +1,38 @@
+"""Shared fixtures: a small real long-tailed dataset, run folders, and one local Ray for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_lt():
+    """Procedural LT images (10 classes, n_max 120, IF 20) with a small balanced test set: trains in seconds."""
+    from trainer.config import DataConfig
+    from trainer.datasets import load_dataset
+
+    return load_dataset(DataConfig(name="synthetic", imbalance_factor=20, max_per_class=120, test_per_class=40))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for every test that needs it (num_cpus fixed, as Ray's testing tips advise)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

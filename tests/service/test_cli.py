@@ -1,0 +1,47 @@
+"""The `ltd` command line: subcommands are listed, bad configs exit 2 with the fix, training runs as Ray work."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from service.cli import app
+
+runner = CliRunner()
+TINY = ["data.name=synthetic", "data.imbalance_factor=20", "data.max_per_class=60", "data.test_per_class=20",
+        "model.arch=resnet8", "stage1.optim.epochs=1", "stage1.optim.warmup_epochs=0", "stage2.optim.epochs=1"]
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("train", "multiseed", "reproduce", "demo"):
+        assert command in out.stdout
+
+
+def test_bad_config_exits_2_and_says_why(tmp_path):
+    result = runner.invoke(app, ["train", "--no-ray", "stage1.optim.epochs=3"])
+    assert result.exit_code == 2
+    assert "lower warmup_epochs" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_table_exits_2():
+    assert runner.invoke(app, ["reproduce", "imagenet_lt"]).exit_code == 2
+
+
+def test_train_as_ray_work_writes_metrics(ray_local, tmp_path):
+    result = runner.invoke(app, ["train", *TINY, "method=lws", f"out_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["method"] == "lws" and "II" in report["stages"]
+    assert "overall" in result.output and str(tmp_path) in result.output
+
+
+def test_multiseed_reports_mean_and_std(ray_local, tmp_path):
+    result = runner.invoke(app, ["multiseed", *TINY, "method=ce", f"out_dir={tmp_path}", "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    seeds = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["final"]["overall"] for s in (0, 1)]
+    assert summary["seeds"] == [0, 1]
+    assert abs(summary["overall"] - sum(seeds) / 2) < 0.01

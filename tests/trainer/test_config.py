@@ -1,0 +1,52 @@
+"""Configs: every YAML in configs/ loads, overrides apply, and bad configs fail with a message that says the fix."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from trainer.config import RunConfig, load_config
+
+CONFIG_FILES = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(CONFIG_FILES) >= 20
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.method == path.stem
+
+
+def test_method_sets_stage_defaults_and_overrides_win():
+    cfg = load_config(None, ["method=ldam_drw", "stage1.optim.epochs=20", "stage1.optim.warmup_epochs=2"])
+    assert (cfg.stage1.loss.name, cfg.stage1.loss.drw_start, cfg.pipeline) == ("ldam", 0.8, "joint")
+    assert cfg.stage1.optim.epochs == 20
+    assert load_config(None, ["method=ncm"]).stage2.method == "ncm"
+    assert RunConfig().pipeline == "ssd"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=focal", "stage1.loss.name=ce"], "drop that key"),
+        (["stage1.optim.epochs=3"], "lower warmup_epochs"),
+        (["stage1.optim.lrr=0.1"], "Extra inputs"),
+        (["method=dino"], "method"),
+        (["data.imbalance_factor=0.5"], "greater than or equal"),
+        (["stage1.optim.milestones=[160, 180]"], "fractions"),
+        (["stage1"], "key.path=value"),
+    ],
+)
+def test_bad_configs_say_what_to_fix(overrides, message):
+    with pytest.raises((ValidationError, ValueError), match=message):
+        load_config(None, overrides)
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(path)

@@ -1,0 +1,65 @@
+"""The one training loop: LR schedule values, and an interrupted run resumes to the same weights as an unbroken one."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.batches import DeviceBatches
+from trainer.checkpoint import CheckpointMismatchError
+from trainer.config import AugmentConfig, OptimConfig
+from trainer.engine import fit, learning_rate
+
+
+def test_step_schedule_matches_ldam_drw():
+    cfg = OptimConfig()  # 200 epochs, lr 0.1, 5 warm-up epochs, x0.01 at 160 and again at 180
+    assert learning_rate(cfg, 0) == pytest.approx(0.02)
+    assert learning_rate(cfg, 4) == pytest.approx(0.1)
+    assert learning_rate(cfg, 159) == pytest.approx(0.1)
+    assert learning_rate(cfg, 160) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 180) == pytest.approx(1e-5)
+
+
+def test_cosine_schedule_endpoints():
+    cfg = OptimConfig(epochs=10, warmup_epochs=0, schedule="cosine")
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 5) == pytest.approx(0.05)
+    assert learning_rate(cfg, 9) < 0.01
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def run(tmp_path, tiny_lt, crash_at_step=None, meta=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    batches = DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, torch.device("cpu"), 64, AugmentConfig(),
+                            sampler="class")
+    steps = {"n": 0}
+
+    def loss_fn(batch, progress):
+        steps["n"] += 1
+        if crash_at_step is not None and steps["n"] == crash_at_step:
+            raise Crash("worker died")
+        return F.cross_entropy(model(batch.images), batch.labels), {}
+
+    fit(stage="t", model=model, loss_fn=loss_fn, batches=batches, optim=OptimConfig(epochs=4, warmup_epochs=1),
+        generator=torch.Generator().manual_seed(0), checkpoint=tmp_path / "ckpt.pt", meta=meta or {"fingerprint": "a"})
+    return model.state_dict(), steps["n"]
+
+
+def test_resume_after_crash_equals_unbroken_run(tmp_path, tiny_lt):
+    unbroken, total_steps = run(tmp_path / "a", tiny_lt)
+    with pytest.raises(Crash):
+        run(tmp_path / "b", tiny_lt, crash_at_step=total_steps * 3 // 4 + 2)  # dies inside the last epoch
+    resumed, resumed_steps = run(tmp_path / "b", tiny_lt)
+    assert resumed_steps == total_steps // 4  # only the unfinished epoch ran again
+    for key in unbroken:
+        torch.testing.assert_close(resumed[key], unbroken[key])
+
+
+def test_checkpoint_of_another_dataset_is_refused(tmp_path, tiny_lt):
+    run(tmp_path, tiny_lt)
+    with pytest.raises(CheckpointMismatchError, match="fingerprint"):
+        run(tmp_path, tiny_lt, meta={"fingerprint": "b"})

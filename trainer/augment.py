@@ -1,0 +1,224 @@
+"""Batched on-device augmentation: one random draw per image, whole batches at once, replayable view parameters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
+
+# Every random parameter is drawn on the CPU from the caller's generator and then moved to the images' device, so a
+# seed gives the same views on CPU and GPU. generator=None falls back to torch's default CPU generator.
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.empty(n).uniform_(low, high, generator=generator)
+
+
+def _bernoulli(n: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=generator) < p
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) in [0, 255] -> float32 in [0, 1]."""
+    return TF.to_dtype(images, torch.float32, scale=True)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean_c) / std_c per channel; len(mean) == len(std) == C (1 or 3)."""
+    if len(mean) != images.shape[-3] or len(std) != images.shape[-3]:
+        raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries, the images {images.shape[-3]} channels")
+    return TF.normalize(images, mean=list(mean), std=list(std))
+
+
+def random_crop_flip(
+    images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """RandomCrop(H, padding, zero fill) + horizontal flip p=0.5, drawn per image; (N, C, H, W) -> same shape/dtype."""
+    n, c, h, w = images.shape
+    if padding == 0 and not flip:
+        return images
+    device = images.device
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+    flips = _bernoulli(n, 0.5, generator) if flip else torch.zeros(n, dtype=torch.bool)
+    offsets, flips = offsets.to(device), flips.to(device)
+    padded = F.pad(images, (padding, padding, padding, padding))
+    # Pad once, then two gathers with per-image row/column indices: the crop window is a shifted index range and the
+    # flip is the same range read backwards, so both cost one gather and no Python loop over images.
+    ys = offsets[:, :1] + torch.arange(h, device=device)
+    xs_fwd = torch.arange(w, device=device)
+    xs = offsets[:, 1:] + torch.where(flips[:, None], xs_fwd.flip(0), xs_fwd)
+    rows = padded.gather(2, ys[:, None, :, None].expand(n, c, h, padded.shape[-1]))
+    return rows.gather(3, xs[:, None, None, :].expand(n, c, h, w))
+
+
+def sample_resized_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(n, 4) float boxes (x0, y0, x1, y1) in pixels, torchvision RandomResizedCrop's rule: 10 tries, then centre crop.
+
+    Each try draws area ~ U(scale) * H * W and log aspect ~ U(log ratio); the first try whose rounded w, h fit is kept
+    and its top-left corner is uniform over the integer positions. All n images and tries are drawn at once.
+    """
+    tries = 10
+    area = height * width
+    target = area * _uniform(n * tries, scale[0], scale[1], generator).double().view(n, tries)
+    log_ratio = _uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), generator).double().view(n, tries)
+    corner = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    aspect = log_ratio.exp()
+    # torch.round and Python's round both round half to even, as torchvision's int(round(...)) does.
+    ws = (target * aspect).sqrt().round()
+    hs = (target / aspect).sqrt().round()
+    fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)
+    w_try, h_try = ws.gather(1, first).squeeze(1), hs.gather(1, first).squeeze(1)
+    y_try = (corner[:, 0] * (height - h_try + 1)).floor()
+    x_try = (corner[:, 1] * (width - w_try + 1)).floor()
+    # Fallback when no try fits: the largest centred crop whose aspect is clamped into `ratio`.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w_c, h_c = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w_c, h_c = int(round(height * max(ratio))), height
+    else:
+        w_c, h_c = width, height
+    x_c, y_c = (width - w_c) // 2, (height - h_c) // 2
+    ok = fits.any(1)
+    x0 = torch.where(ok, x_try, torch.full_like(x_try, x_c))
+    y0 = torch.where(ok, y_try, torch.full_like(y_try, y_c))
+    x1 = x0 + torch.where(ok, w_try, torch.full_like(w_try, w_c))
+    y1 = y0 + torch.where(ok, h_try, torch.full_like(h_try, h_c))
+    return torch.stack([x0, y0, x1, y1], 1).float()
+
+
+def apply_resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image to its box (x0, y0, x1, y1), resize to size x size (bilinear), then mirror where flips[i].
+
+    (N, C, H, W) float + (N, 4) + bool (N,) -> (N, C, size, size). roi_align with aligned=True samples the continuous
+    box exactly as a bilinear resize (align_corners=False) of the crop does; the adaptive sampling ratio is 1 when
+    upsampling and averages several points per output pixel when downsampling (an antialias). Unlike crop-then-resize
+    it reads the real pixels just outside the box in the outermost half-pixel ring instead of repeating the edge.
+    Flipping after cropping equals flipping the image and mirroring the box, so a stored (box, flip) replays exactly.
+    """
+    n = images.shape[0]
+    index = torch.arange(n, device=images.device, dtype=images.dtype)[:, None]
+    rois = torch.cat([index, boxes.to(device=images.device, dtype=images.dtype)], 1)
+    out = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return torch.where(flips.to(images.device)[:, None, None, None], out.flip(-1), out)
+
+
+def sample_jitter_factors(
+    n: int,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(n, 4) per-image ColorJitter factors (brightness, contrast, saturation, hue shift); identity where not applied.
+
+    As torchvision ColorJitter: b, c, s ~ U(max(0, 1 - x), 1 + x), hue ~ U(-hue, hue); each image is jittered with
+    probability p (RandomApply), otherwise its factors are (1, 1, 1, 0).
+    """
+    if not 0 <= hue <= 0.5:
+        raise ValueError(f"hue must be in [0, 0.5], got {hue}")
+    factors = torch.stack(
+        [_uniform(n, max(0.0, 1 - x), 1 + x, generator) for x in (brightness, contrast, saturation)]
+        + [_uniform(n, -hue, hue, generator)],
+        1,
+    )
+    applied = _bernoulli(n, p, generator)
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    return torch.where(applied[:, None], factors, identity)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = factor[:, None, None, None]
+    return (factor * images + (1 - factor) * other).clamp(0, 1)
+
+
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    return images if images.shape[1] == 1 else TF.rgb_to_grayscale(images)
+
+
+def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB -> HSV, rotate hue by shift[i] (in turns), HSV -> RGB; (N, 3, H, W), vectorised over the batch."""
+    r, g, b = images.unbind(1)
+    value, _ = images.max(1)
+    chroma = value - images.amin(1)
+    has_chroma = chroma > 0
+    sat = torch.where(value > 0, chroma / torch.where(value > 0, value, 1.0), 0.0)
+    safe = torch.where(has_chroma, chroma, 1.0)  # grey pixels: any hue, avoid 0/0
+    rc, gc, bc = (value - r) / safe, (value - g) / safe, (value - b) / safe
+    h6 = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.remainder(h6 / 6.0 + shift[:, None, None], 1.0)
+    # Closed-form HSV -> RGB: channel n in (R=5, G=3, B=1) is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
+    channels = []
+    for offset in (5.0, 3.0, 1.0):
+        k = torch.remainder(offset + hue * 6.0, 6.0)
+        channels.append(value - value * sat * torch.minimum(k, 4.0 - k).clamp(0, 1))
+    return torch.stack(channels, 1)
+
+
+def apply_color_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Apply per-image (brightness, contrast, saturation, hue) factors to float [0, 1] images, in that fixed order.
+
+    Each step matches torchvision's adjust_* for one image. torchvision ColorJitter shuffles the four steps per call;
+    we keep the fixed order b, c, s, h (a documented difference: a per-image order would need a loop or 24 branches).
+    For C=1 images saturation and hue are skipped, as torchvision does for grayscale inputs.
+    """
+    factors = factors.to(device=images.device, dtype=images.dtype)
+    out = (images * factors[:, 0, None, None, None]).clamp(0, 1)
+    out = _blend(out, _grayscale(out).mean((-3, -2, -1), keepdim=True), factors[:, 1])
+    if images.shape[1] == 3:
+        out = _blend(out, _grayscale(out), factors[:, 2])
+        shift = factors[:, 3]
+        # Unshifted images skip the HSV round trip so they stay bit-exact.
+        out = torch.where((shift != 0)[:, None, None, None], _shift_hue(out, shift), out)
+    return out
+
+
+def color_jitter(
+    images: torch.Tensor,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """RandomApply(ColorJitter(b, c, s, h), p) with an independent draw per image; float (N, C, H, W) in [0, 1]."""
+    factors = sample_jitter_factors(images.shape[0], brightness, contrast, saturation, hue, p, generator)
+    return apply_color_jitter(images, factors)
+
+
+def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """RandomGrayscale(p) per image: chosen RGB images become their luma in all 3 channels; C=1 is returned as is."""
+    if images.shape[1] == 1:
+        return images
+    chosen = _bernoulli(images.shape[0], p, generator).to(images.device)
+    return torch.where(chosen[:, None, None, None], TF.rgb_to_grayscale(images, num_output_channels=3), images)
+
+
+def moco_view(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """MoCo-v2 key view for small images: RRC(scale 0.2-1) + jitter(0.4, 0.4, 0.4, 0.1) p=0.8 + gray p=0.2 + flip.
+
+    uint8 (N, C, H, W) -> float (N, C, size, size) in [0, 1], not normalised. No blur (RECIPES.md: 32-px analogue).
+    The flip is done with the crop: jitter and grayscale are per-pixel or whole-image ops, so they commute with it.
+    """
+    n, _, h, w = images.shape
+    boxes = sample_resized_crop_boxes(n, h, w, (0.2, 1.0), (3 / 4, 4 / 3), generator)
+    flips = _bernoulli(n, 0.5, generator)
+    x = images if images.is_floating_point() else to_float(images)
+    x = apply_resized_crop(x, boxes, flips, size)
+    x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=generator)
+    return random_grayscale(x, 0.2, generator)

@@ -1,0 +1,160 @@
+"""Training and evaluation batches: uint8 images kept on the device with batched augmentation, or a DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from trainer import augment
+from trainer.config import AugmentConfig
+from trainer.datasets import ImageSet
+from trainer.samplers import epoch_indices
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B,) image ids on the device
+    labels: torch.Tensor  # (B,)
+    images: torch.Tensor  # (B, C, H, W) normalised float: the standard view
+    key_images: torch.Tensor | None = None  # MoCo key view, when asked for
+
+
+class DeviceBatches:
+    """The whole split as one uint8 tensor on the training device; each batch is gathered and augmented at once.
+
+    No per-image Python or PIL work: one index gather plus a few batched tensor ops per step, which is what makes
+    small-image training fast on a GPU (see bench/train_throughput.py).
+    """
+
+    def __init__(
+        self,
+        split: ImageSet,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        batch_size: int,
+        augment_cfg: AugmentConfig | None = None,
+        sampler: str = "instance",
+        key_view: bool = False,
+        drop_last: bool = False,
+    ):
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.labels_cpu = split.labels
+        self.mean, self.std = mean, std
+        self.batch_size = batch_size
+        self.augment_cfg = augment_cfg
+        self.sampler = sampler
+        self.key_view = key_view
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """One pass: sampler order (instance / class / sqrt / progressive at `progress`), augmented if configured."""
+        if self.augment_cfg is None and self.sampler == "instance" and generator is None:
+            order = torch.arange(len(self.labels))
+        else:
+            order = epoch_indices(self.labels_cpu, self.sampler, progress, generator)
+        order = order.to(self.images.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if self.drop_last and len(idx) < self.batch_size:
+                break
+            yield self.make_batch(idx, generator)
+
+    def make_batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> Batch:
+        raw = self.images[idx]
+        view = raw
+        if self.augment_cfg is not None:
+            view = augment.random_crop_flip(raw, self.augment_cfg.crop_padding, self.augment_cfg.flip, generator)
+        images = augment.normalize(augment.to_float(view), self.mean, self.std)
+        key = None
+        if self.key_view:
+            key = augment.normalize(augment.moco_view(raw, raw.shape[-1], generator), self.mean, self.std)
+        return Batch(ids=idx, labels=self.labels[idx], images=images, key_images=key)
+
+
+class ListFileImages(Dataset):
+    """Images named in a list file, decoded with torchvision.io and transformed per image (DataLoader workers)."""
+
+    def __init__(self, split: ImageSet, transform: v2.Transform, key_transform: v2.Transform | None = None):
+        self.split, self.transform, self.key_transform = split, transform, key_transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        image = decode_image(str(self.split.root / self.split.paths[i]), mode=ImageReadMode.RGB)
+        key = self.key_transform(image) if self.key_transform is not None else torch.empty(0)
+        return i, int(self.split.labels[i]), self.transform(image), key
+
+
+def list_file_transforms(size: int, mean, std, train: bool) -> tuple[v2.Transform, v2.Transform]:
+    """ImageNet-LT recipe of the official code: RRC + jitter + flip (query); MoCo-v2 key view adds blur, grayscale."""
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if not train:
+        return v2.Compose([v2.Resize(int(size * 256 / 224)), v2.CenterCrop(size), *tail]), None
+    query = v2.Compose([v2.RandomResizedCrop(size), v2.ColorJitter(0.4, 0.4, 0.4, 0), v2.RandomHorizontalFlip(), *tail])
+    key = v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomHorizontalFlip(),
+        *tail,
+    ])
+    return query, key
+
+
+class LoaderBatches:
+    """List-file datasets (ImageNet-LT, iNaturalist): a DataLoader with workers, weighted sampling for re-balancing."""
+
+    def __init__(self, split, mean, std, device, batch_size, size, num_workers, train, sampler="instance", key_view=False):
+        self.split, self.device, self.batch_size, self.sampler = split, device, batch_size, sampler
+        self.labels_cpu = split.labels
+        query, key = list_file_transforms(size, mean, std, train)
+        self.dataset = ListFileImages(split, query, key if key_view else None)
+        self.num_workers, self.train = num_workers, train
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.split)
+
+    def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        order = epoch_indices(self.labels_cpu, self.sampler, progress, generator) if self.train else None
+        loader = DataLoader(self.dataset, self.batch_size, sampler=order.tolist() if order is not None else None,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        for ids, labels, images, key in loader:
+            yield Batch(
+                ids=ids.to(self.device), labels=labels.to(self.device), images=images.to(self.device, non_blocking=True),
+                key_images=key.to(self.device, non_blocking=True) if key.numel() else None,
+            )
+
+
+def make_batches(data, split: ImageSet, device, batch_size, *, train: bool, augment_cfg=None, sampler="instance",
+                 key_view=False, image_size=224, num_workers=4):
+    """The right batch source for a split: on-device tensors for in-memory data, a DataLoader for list files."""
+    if split.images is not None:
+        return DeviceBatches(split, data.mean, data.std, device, batch_size,
+                             augment_cfg if train else None, sampler if train else "instance", key_view and train)
+    return LoaderBatches(split, data.mean, data.std, device, batch_size, image_size, num_workers, train, sampler, key_view)
+
+
+def as_numpy_ids(ids: torch.Tensor) -> np.ndarray:
+    return ids.detach().cpu().numpy().astype(np.int64)

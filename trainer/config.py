@@ -1,0 +1,226 @@
+"""Typed run configs: defaults live here, YAML files in configs/ hold only the diff, `a.b=value` overrides win."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JOINT_METHODS = {  # method -> the stage-I loss it trains with
+    "ce": "ce",
+    "focal": "focal",
+    "cb": "cb",
+    "ldam_drw": "ldam",
+    "balanced_softmax": "balanced_softmax",
+    "logit_adjust": "logit_adjust",
+}
+DECOUPLED_METHODS = ("crt", "lws", "tau_norm", "ncm")
+METHODS = (*JOINT_METHODS, *DECOUPLED_METHODS, "ssd")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(Frozen):
+    name: Literal["embedded", "fashion_mnist", "synthetic", "cifar10", "cifar10_npz", "cifar100", "list"] = Field(
+        "embedded", description="Dataset reader; 'embedded' is Fashion-MNIST when installed, else synthetic images"
+    )
+    root: Path | None = Field(None, description="Folder or file the reader opens (None: the reader's default)")
+    imbalance_factor: float = Field(100.0, ge=1.0, description="n_max / n_min of the long-tailed split (1 = keep all)")
+    lt_seed: int = Field(0, description="Seed of the legacy NumPy shuffle that picks each class's kept images")
+    max_per_class: int | None = Field(None, ge=1, description="Cap n_max (head-class size) to shrink runs on CPU")
+    val_per_class: int = Field(0, ge=0, description="Images per class carved out of the LT train split for validation")
+    test_per_class: int | None = Field(None, ge=1, description="Cap test images per class (None: full test set)")
+    train_list: Path | None = Field(None, description="List file 'relative/path.jpg label' (name='list')")
+    test_list: Path | None = Field(None, description="Test list file (name='list')")
+    image_size: int = Field(224, description="Crop size for list-file datasets")
+    num_workers: int = Field(4, ge=0, description="DataLoader workers for list-file datasets")
+
+
+class ModelConfig(Frozen):
+    arch: Literal["resnet8", "resnet20", "resnet32", "resnet10", "resnet50", "resnext50"] = Field(
+        "resnet32", description="Backbone: CIFAR ResNets (option-A shortcuts) or torchvision ImageNet ResNets"
+    )
+
+
+SamplerKind = Literal["instance", "class", "sqrt", "progressive"]
+SAMPLER_HELP = "p_j ∝ n_j^q with q=1 (instance) / 0 (class) / 0.5 (sqrt), or instance→class linearly over epochs"
+
+
+class LossConfig(Frozen):
+    name: Literal["ce", "focal", "cb", "ldam", "balanced_softmax", "logit_adjust"] = "ce"
+    focal_gamma: float = Field(1.0, ge=0, description="Focal loss focusing parameter γ")
+    cb_beta: float = Field(0.9999, gt=0, lt=1, description="Effective-number β for class-balanced weights")
+    ldam_max_margin: float = Field(0.5, gt=0, description="LDAM margin of the smallest class")
+    ldam_scale: float = Field(30.0, gt=0, description="LDAM logit scale s")
+    drw_start: float | None = Field(
+        None, ge=0, le=1, description="Fraction of epochs after which class-balanced (DRW) weights switch on"
+    )
+    logit_adjust_tau: float = Field(1.0, ge=0, description="τ of logit adjustment (1 = balanced softmax)")
+
+
+class OptimConfig(Frozen):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(2e-4, ge=0)
+    warmup_epochs: int = Field(5, ge=0, description="Linear warm-up epochs")
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: tuple[float, ...] = Field((0.8, 0.9), description="Step decay points as fractions of the epochs")
+    gamma: float = Field(0.01, gt=0, description="LR factor at each milestone (LDAM-DRW: x0.01 then x0.0001)")
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}; "
+                f"lower warmup_epochs (e.g. warmup_epochs={self.epochs // 10})"
+            )
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError("milestones are fractions of the run in (0, 1), e.g. [0.8, 0.9]")
+        return self
+
+
+class HeadOptimConfig(OptimConfig):
+    """The short schedule of classifier re-balancing (stages II and IV): its own defaults survive partial overrides."""
+
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs")
+    schedule: Literal["step", "cosine"] = "cosine"
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class MocoConfig(Frozen):
+    weight: float = Field(1.0, ge=0, description="Weight of the contrastive loss next to CE (0 turns MoCo off)")
+    dim: int = Field(128, ge=8, description="Projection dimension")
+    momentum: float = Field(0.999, ge=0, lt=1, description="Key-encoder EMA momentum")
+    temperature: float = Field(0.2, gt=0)
+    queue_size: int = Field(8192, ge=1, description="Negatives kept; clipped to a multiple of the batch ≤ train size")
+    label_aware: bool = Field(True, description="Mask keys of the query's own class out of the denominator")
+
+
+class AugmentConfig(Frozen):
+    crop_padding: int = Field(4, ge=0, description="Random-crop padding in pixels (0 turns the crop off)")
+    flip: bool = True
+
+
+class Stage1Config(Frozen):
+    optim: OptimConfig = OptimConfig()
+    sampler: SamplerKind = Field("instance", description=SAMPLER_HELP)
+    loss: LossConfig = LossConfig()
+    moco: MocoConfig = MocoConfig()
+
+
+class Stage2Config(Frozen):
+    method: Literal["crt", "lws", "tau_norm", "ncm"] = "lws"
+    optim: HeadOptimConfig = HeadOptimConfig()
+    sampler: SamplerKind = Field("class", description=SAMPLER_HELP)
+    tau: float | None = Field(None, ge=0, description="tau-norm τ; None searches 0..2 on the validation split")
+    ncm_metric: Literal["euclidean", "cosine"] = "euclidean"
+
+
+class Stage3Config(Frozen):
+    optim: OptimConfig = OptimConfig()
+    sampler: SamplerKind = Field("instance", description=SAMPLER_HELP)
+    temperature: float = Field(2.0, gt=0, description="KD temperature T of the stored soft labels")
+    hard_weight: float = Field(1.0, ge=0, description="α: weight of CE on the hard head")
+    soft_weight: float = Field(1.0, ge=0, description="λ: weight of the T²-scaled KD loss on the soft head")
+
+
+class Stage4Config(Frozen):
+    enabled: bool = Field(True, description="Re-balance the soft head with LWS after distillation")
+    optim: HeadOptimConfig = HeadOptimConfig()
+    sampler: SamplerKind = Field("class", description=SAMPLER_HELP)
+
+
+class RunConfig(Frozen):
+    method: Literal[METHODS] = Field("ssd", description="What to train: a joint loss, a decoupled re-balancing, or SSD")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+    stage3: Stage3Config = Stage3Config()
+    stage4: Stage4Config = Stage4Config()
+    seed: int = Field(0, description="Seed of model init, sampling and augmentation")
+    device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end)")
+    out_dir: Path = Field(Path("runs/default"), description="Run folder: config, checkpoints, metrics, plots")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_picks_stage_defaults(cls, data: Any) -> Any:
+        """Joint methods set stage I's loss and decoupled ones stage II's method, unless told otherwise."""
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "ssd")
+        if method in JOINT_METHODS:
+            _fill(data, ("stage1", "loss", "name"), JOINT_METHODS[method], method)
+            if method == "ldam_drw":
+                _fill(data, ("stage1", "loss", "drw_start"), 0.8, method)
+        if method in DECOUPLED_METHODS:
+            _fill(data, ("stage2", "method"), method, method)
+        return data
+
+    @property
+    def pipeline(self) -> Literal["joint", "decoupled", "ssd"]:
+        if self.method in JOINT_METHODS:
+            return "joint"
+        return "decoupled" if self.method in DECOUPLED_METHODS else "ssd"
+
+
+def _fill(data: dict, path: tuple[str, ...], value: Any, method: str) -> None:
+    node = data
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if isinstance(node, BaseModel):
+            return  # an already-built sub-config is taken as given
+    current = node.get(path[-1])
+    if current is None:
+        node[path[-1]] = value
+    elif current != value and path[-1] != "drw_start":
+        raise ValueError(
+            f"method={method!r} needs {'.'.join(path)}={value!r} but got {current!r}; "
+            f"drop that key or change the method"
+        )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'stage1.optim.epochs=5' -> (['stage1', 'optim', 'epochs'], 5); the value is read as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge `update` into a copy of `base`."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (optional) + dotted overrides, validated once."""
+    raw: dict = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        patch: dict = value
+        for key in reversed(keys):
+            patch = {key: patch}
+        raw = merge(raw, patch)
+    return RunConfig.model_validate(raw)
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    """Write the fully resolved config next to a run's outputs."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

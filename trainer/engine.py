@@ -1,0 +1,119 @@
+"""The one training loop (every stage and baseline runs through `fit`) and evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainer.batches import Batch
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import OptimConfig
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Batch, float], tuple[torch.Tensor, dict[str, float]]]
+
+
+def progress_bar(desc: str, total: int, done: int, unit: str):
+    """tqdm in a terminal; Ray's tqdm_ray inside Ray workers, which draws one bar per worker on the driver."""
+    if os.environ.get("LTD_PROGRESS") == "ray":
+        from ray.experimental.tqdm_ray import tqdm as tqdm_ray
+
+        bar = tqdm_ray(desc=desc, total=total, unit=unit)
+        bar.update(done)
+        return bar
+    return tqdm(desc=desc, total=total, initial=done, unit=unit, dynamic_ncols=True, mininterval=1.0)
+
+
+def learning_rate(cfg: OptimConfig, epoch: int) -> float:
+    """LR of an epoch: linear warm-up, then step decay at fractions of the run (LDAM-DRW) or cosine to 0."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    return cfg.lr * cfg.gamma**passed
+
+
+def fit(
+    *,
+    stage: str,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches,
+    optim: OptimConfig,
+    generator: torch.Generator,
+    checkpoint: Path,
+    meta: dict,
+    set_mode: Callable[[], None] | None = None,
+    on_epoch_end: Callable[[int], dict] | None = None,
+) -> list[dict]:
+    """Train `model`'s trainable parameters for `optim.epochs`, checkpointing every epoch and resuming from it.
+
+    `model` holds every stateful part of the stage (MoCo queue included), so one state_dict resumes it exactly; the
+    sampler/augmentation generator state is saved too, so a resumed run draws the same batches as an unbroken one.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    start, history = 0, []
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint, expect=meta)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start, history = state["epoch"] + 1, list(state["history"])
+        if start < optim.epochs:
+            log.info("%s: resuming at epoch %d/%d from %s", stage, start + 1, optim.epochs, checkpoint)
+    bar = progress_bar(f"stage {stage}", optim.epochs, start, "ep")
+    for epoch in range(start, optim.epochs):
+        lr = learning_rate(optim, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        (set_mode or model.train)()
+        progress = epoch / optim.epochs
+        totals: dict[str, float] = {}
+        seen, tic = 0, time.perf_counter()
+        for batch in batches.epoch(progress, generator):
+            loss, parts = loss_fn(batch, progress)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(batch.labels)
+            seen += n
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * n
+        elapsed = time.perf_counter() - tic
+        record = {"epoch": epoch + 1, "lr": lr, "img_s": seen / max(elapsed, 1e-9)}
+        record.update({k: v / max(seen, 1) for k, v in totals.items()})
+        if on_epoch_end is not None:
+            record.update(on_epoch_end(epoch))
+        history.append(record)
+        bar.set_description(f"stage {stage} loss {record['loss']:.3f} {record['img_s']:.0f} img/s")
+        bar.update(1)
+        log.debug("stage %s %s", stage, record)
+        save_checkpoint(checkpoint, {
+            **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(), "epoch": epoch, "history": history,
+        })
+    bar.close()
+    return history
+
+
+@torch.no_grad()
+def predict(forward: Callable[[torch.Tensor], torch.Tensor], batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, labels and ids for a whole split, in order, without augmentation."""
+    logits, labels, ids = [], [], []
+    for batch in batches.epoch():
+        logits.append(forward(batch.images).float().cpu())
+        labels.append(batch.labels.cpu())
+        ids.append(batch.ids.cpu())
+    return torch.cat(logits), torch.cat(labels), torch.cat(ids)

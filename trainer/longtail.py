@@ -1,0 +1,62 @@
+"""Long-tailed splits as LDAM-DRW builds them, and the many/medium/few class groups."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MANY_SHOT = 100  # classes with more than this many training images are "many"
+FEW_SHOT = 20  # classes with fewer than this many are "few"; the rest (20..100 inclusive) are "medium"
+
+
+def lt_class_sizes(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    """n_i = int(n_max * (1/IF)^(i/(C-1))), class 0 the head (Cao et al. 2019, IMBALANCECIFAR)."""
+    if num_classes == 1:
+        return [n_max]
+    ratio = 1.0 / imbalance_factor
+    return [int(n_max * ratio ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+
+
+def lt_indices(labels: np.ndarray, imbalance_factor: float, seed: int = 0, n_max: int | None = None) -> np.ndarray:
+    """Indices of the long-tailed subset, exactly as LDAM-DRW picks them.
+
+    The legacy NumPy RNG is seeded once; for each class in class order its indices (file order) are shuffled with it
+    and the first n_i are kept. `n_max` defaults to len(labels)/C as in LDAM; a smaller value shrinks the whole split.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    img_max = len(labels) // len(classes) if n_max is None else n_max
+    sizes = lt_class_sizes(img_max, len(classes), imbalance_factor)
+    rng = np.random.RandomState(seed)  # same stream as LDAM's np.random.seed(rand_number)
+    kept = []
+    for cls, size in zip(classes, sizes):
+        idx = np.where(labels == cls)[0]
+        rng.shuffle(idx)
+        kept.append(idx[:size])
+    return np.concatenate(kept)
+
+
+def balanced_holdout(labels: np.ndarray, exclude: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """A class-balanced validation split from training images the LT subset left out (as ImageNet-LT's val is built)."""
+    labels = np.asarray(labels)
+    free = np.ones(len(labels), dtype=bool)
+    free[exclude] = False
+    rng = np.random.RandomState(seed + 1)
+    picked = []
+    for cls in np.unique(labels):
+        idx = np.where(free & (labels == cls))[0]
+        if len(idx) < per_class:
+            raise ValueError(
+                f"class {cls} has only {len(idx)} images outside the LT split; lower data.val_per_class to ≤ {len(idx)}"
+            )
+        picked.append(rng.permutation(idx)[:per_class])
+    return np.sort(np.concatenate(picked))
+
+
+def shot_groups(class_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Class indices of the many (>100), medium (20..100) and few (<20) groups, by training counts."""
+    counts = np.asarray(class_counts)
+    return {
+        "many": np.where(counts > MANY_SHOT)[0],
+        "medium": np.where((counts >= FEW_SHOT) & (counts <= MANY_SHOT))[0],
+        "few": np.where(counts < FEW_SHOT)[0],
+    }
