@@ -140,6 +140,104 @@ def reproduce(
     typer.echo(f"\nwrote {path} and the run folders under {out_root / table}/")
 
 
+labels_app = typer.Typer(help="Soft-label sets in the Zarr store: generate, list, show, delete.",
+                         no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
+StoreOpt = Annotated[Path, typer.Option("--store", envvar="LTD_STORE_ROOT", help="Label store root folder")]
+
+
+@labels_app.command("generate")
+def labels_generate(
+    labelset_id: Annotated[str, typer.Argument(help="Id of the new labelset, e.g. fmnist-lws-t2")],
+    teacher: Annotated[Path, typer.Option(help="Teacher model file (a run's teacher.pt)")],
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = Path("store"),
+    temperature: Annotated[Optional[float], typer.Option(help="T of the soft labels (default stage3.temperature)")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="clean or views (default from stage3.soft_labels)")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Views per image in views mode")] = None,
+    logits_dtype: str = "float16",
+    top_k: Annotated[Optional[int], typer.Option(help="Also store a renormalised top-k sparse form")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per GPU, else up to 4 CPUs)")] = None,
+    chunk_rows: Annotated[Optional[int], typer.Option(help="Images per chunk (default: ~512 KiB of logits)")] = None,
+    address: AddressOpt = None,
+):
+    """Run a teacher over its training set on Ray workers and publish the soft labels into the store."""
+    from trainer.workers import WorkerDiedError, generate_labelset, init_ray
+
+    _setup_logging()
+    cfg = _load(config, overrides)
+    init_ray(address)
+    try:
+        prov = generate_labelset(teacher, cfg, store, labelset_id, temperature=temperature, mode=mode, views=views,
+                                 logits_dtype=logits_dtype, top_k=top_k, num_workers=workers, chunk_rows=chunk_rows)
+    except (WorkerDiedError, ValueError, FileExistsError) as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"published {prov.labelset_id}: {prov.num_images} images x {prov.num_classes} classes, "
+               f"T={prov.temperature}, mode={prov.mode}, at {store / prov.labelset_id}")
+
+
+@labels_app.command("list")
+def labels_list(store: StoreOpt = Path("store")):
+    """Published labelsets in the store."""
+    from store import list_labelsets
+
+    for item in list_labelsets(store):
+        typer.echo(json.dumps(item.model_dump(mode="json")))
+
+
+@labels_app.command("show")
+def labels_show(labelset_id: str, store: StoreOpt = Path("store")):
+    """A labelset's provenance (teacher hash, dataset fingerprint, temperature, mode, counts)."""
+    from store import StoreError, describe
+
+    try:
+        prov = describe(store, labelset_id)
+    except (StoreError, FileNotFoundError) as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(json.dumps(prov.model_dump(mode="json", exclude={"checksums", "config"}), indent=1))
+
+
+@labels_app.command("delete")
+def labels_delete(labelset_id: str, store: StoreOpt = Path("store")):
+    """Delete a published labelset (readers never see it half-deleted)."""
+    from store import StoreError, delete
+
+    try:
+        delete(store, labelset_id)
+    except (StoreError, FileNotFoundError) as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"deleted {labelset_id}")
+
+
+@app.command()
+def distill(
+    labelset: Annotated[str, typer.Option(help="Labelset id to learn from")],
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = Path("store"),
+):
+    """SSD stages III-IV from a stored labelset: the student streams hard and soft targets from the store."""
+    from store import LabelsetReader, StoreError
+    from trainer.report import format_table
+    from trainer.stages import run_pipeline
+
+    _setup_logging()
+    cfg = _load(config, ["method=ssd", *(overrides or [])])
+    try:
+        reader = LabelsetReader(store, labelset)
+    except (StoreError, FileNotFoundError) as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(1) from err
+    cfg = cfg.model_copy(update={"stage3": cfg.stage3.model_copy(update={"temperature": reader.temperature})})
+    report = run_pipeline(cfg, source=reader)
+    typer.echo(format_table([_row(report)]))
+    typer.echo(f"\nlearned from labelset {labelset}; wrote {cfg.out_dir}/")
+
+
 @app.command()
 def demo(out_root: Path = Path("runs/demo"), ray: RayOpt = True, address: AddressOpt = None):
     """The main job on the embedded dataset: CE, LWS and SSD side by side (a few minutes on 2 CPU cores)."""

@@ -34,17 +34,19 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return TF.normalize(images, mean=list(mean), std=list(std))
 
 
-def random_crop_flip(
-    images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """RandomCrop(H, padding, zero fill) + horizontal flip p=0.5, drawn per image; (N, C, H, W) -> same shape/dtype."""
-    n, c, h, w = images.shape
-    if padding == 0 and not flip:
-        return images
-    device = images.device
+def sample_crop_flip(n: int, padding: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 3) long parameters of RandomCrop(padding) + flip: row offset, column offset (into the padded image), flip."""
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     flips = _bernoulli(n, 0.5, generator) if flip else torch.zeros(n, dtype=torch.bool)
-    offsets, flips = offsets.to(device), flips.to(device)
+    return torch.cat([offsets, flips[:, None].long()], dim=1)
+
+
+def apply_crop_flip(images: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:
+    """Replay crop+flip parameters from `sample_crop_flip` exactly; (N, C, H, W) -> same shape/dtype."""
+    n, c, h, w = images.shape
+    device = images.device
+    params = params.to(device)
+    offsets, flips = params[:, :2], params[:, 2].bool()
     padded = F.pad(images, (padding, padding, padding, padding))
     # Pad once, then two gathers with per-image row/column indices: the crop window is a shifted index range and the
     # flip is the same range read backwards, so both cost one gather and no Python loop over images.
@@ -53,6 +55,27 @@ def random_crop_flip(
     xs = offsets[:, 1:] + torch.where(flips[:, None], xs_fwd.flip(0), xs_fwd)
     rows = padded.gather(2, ys[:, None, :, None].expand(n, c, h, padded.shape[-1]))
     return rows.gather(3, xs[:, None, None, :].expand(n, c, h, w))
+
+
+def random_crop_flip(
+    images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """RandomCrop(H, padding, zero fill) + horizontal flip p=0.5, drawn per image; (N, C, H, W) -> same shape/dtype."""
+    if padding == 0 and not flip:
+        return images
+    return apply_crop_flip(images, sample_crop_flip(len(images), padding, flip, generator), padding)
+
+
+def crop_flip_to_boxes(params: torch.Tensor, padding: int, height: int, width: int) -> torch.Tensor:
+    """(n, 5) float view records [x0, y0, x1, y1, flip] in original-image pixels (the store's `view_params`)."""
+    y0 = params[:, 0].float() - padding
+    x0 = params[:, 1].float() - padding
+    return torch.stack([x0, y0, x0 + width, y0 + height, params[:, 2].float()], dim=1)
+
+
+def boxes_to_crop_flip(boxes: torch.Tensor, padding: int) -> torch.Tensor:
+    """Inverse of `crop_flip_to_boxes`: stored view records back to replayable crop+flip parameters."""
+    return torch.stack([boxes[:, 1] + padding, boxes[:, 0] + padding, boxes[:, 4]], dim=1).round().long()
 
 
 def sample_resized_crop_boxes(

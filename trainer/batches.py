@@ -23,6 +23,7 @@ class Batch:
     labels: torch.Tensor  # (B,)
     images: torch.Tensor  # (B, C, H, W) normalised float: the standard view
     key_images: torch.Tensor | None = None  # MoCo key view, when asked for
+    views: torch.Tensor | None = None  # (B,) index of the stored view each image replays (views mode)
 
 
 class DeviceBatches:
@@ -43,6 +44,7 @@ class DeviceBatches:
         sampler: str = "instance",
         key_view: bool = False,
         drop_last: bool = False,
+        view_records: torch.Tensor | None = None,
     ):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -53,6 +55,12 @@ class DeviceBatches:
         self.sampler = sampler
         self.key_view = key_view
         self.drop_last = drop_last
+        # (N, K, 5) stored view records: when set, each image replays one of its K views instead of a random crop
+        self.view_params = None
+        if view_records is not None:
+            padding = augment_cfg.crop_padding if augment_cfg else 0
+            flat = augment.boxes_to_crop_flip(view_records.reshape(-1, 5).float(), padding)
+            self.view_params = flat.reshape(view_records.shape[0], view_records.shape[1], 3).to(device)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -77,14 +85,17 @@ class DeviceBatches:
 
     def make_batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> Batch:
         raw = self.images[idx]
-        view = raw
-        if self.augment_cfg is not None:
+        view, views = raw, None
+        if self.view_params is not None:
+            views = torch.randint(0, self.view_params.shape[1], (len(idx),), generator=generator).to(idx.device)
+            view = augment.apply_crop_flip(raw, self.view_params[idx, views], self.augment_cfg.crop_padding)
+        elif self.augment_cfg is not None:
             view = augment.random_crop_flip(raw, self.augment_cfg.crop_padding, self.augment_cfg.flip, generator)
         images = augment.normalize(augment.to_float(view), self.mean, self.std)
         key = None
         if self.key_view:
             key = augment.normalize(augment.moco_view(raw, raw.shape[-1], generator), self.mean, self.std)
-        return Batch(ids=idx, labels=self.labels[idx], images=images, key_images=key)
+        return Batch(ids=idx, labels=self.labels[idx], images=images, key_images=key, views=views)
 
 
 class ListFileImages(Dataset):
@@ -148,11 +159,14 @@ class LoaderBatches:
 
 
 def make_batches(data, split: ImageSet, device, batch_size, *, train: bool, augment_cfg=None, sampler="instance",
-                 key_view=False, image_size=224, num_workers=4):
+                 key_view=False, image_size=224, num_workers=4, view_records=None):
     """The right batch source for a split: on-device tensors for in-memory data, a DataLoader for list files."""
     if split.images is not None:
         return DeviceBatches(split, data.mean, data.std, device, batch_size,
-                             augment_cfg if train else None, sampler if train else "instance", key_view and train)
+                             augment_cfg if train else None, sampler if train else "instance", key_view and train,
+                             view_records=view_records if train else None)
+    if view_records is not None:
+        raise ValueError("views-mode soft labels need an in-memory dataset (CIFAR, Fashion-MNIST); use clean or online")
     return LoaderBatches(split, data.mean, data.std, device, batch_size, image_size, num_workers, train, sampler, key_view)
 
 

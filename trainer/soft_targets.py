@@ -37,7 +37,9 @@ class SoftLabelSource(Protocol):
 
 
 class InMemorySoftLabels:
-    """Teacher logits held in memory (tests, and the `online`-free fallback before a store exists)."""
+    """Teacher logits held in memory: SSD in one process, without a store."""
+
+    mode = "clean"
 
     def __init__(self, logits: torch.Tensor | np.ndarray, temperature: float):
         logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
@@ -54,3 +56,70 @@ class InMemorySoftLabels:
             bad = ids[(ids < 0) | (ids >= len(self._probs))][:5].tolist()
             raise IndexError(f"image ids {bad} are outside 0..{len(self._probs) - 1}")
         return self._probs[ids]
+
+
+class InMemoryViewLabels(InMemorySoftLabels):
+    """K teacher outputs per image, each for a recorded augmented view (FKD-style), held in memory.
+
+    `view_params` (N, K, 5) are the store's view records [x0, y0, x1, y1, flip] in image pixels.
+    """
+
+    mode = "views"
+
+    def __init__(self, logits, view_params, temperature: float):
+        logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
+        super().__init__(logits[:, 0], temperature)
+        self._view_probs = torch.softmax(logits / self.temperature, dim=-1).numpy()
+        self._view_params = np.asarray(view_params, dtype=np.float32)
+
+    def view_soft_labels(self, image_ids: np.ndarray, view_indices: np.ndarray) -> np.ndarray:
+        self.soft_labels(image_ids)  # same id checks
+        return self._view_probs[np.asarray(image_ids), np.asarray(view_indices)]
+
+    def view_params(self, image_ids: np.ndarray) -> np.ndarray:
+        return self._view_params[np.asarray(image_ids)]
+
+
+def read_all_rows(source: SoftLabelSource, num_images: int, block: int = 65536) -> np.ndarray:
+    """Every row in image-id order, read in large id blocks (chunk-aligned for the store, one call in memory)."""
+    rows = [source.soft_labels(np.arange(s, min(s + block, num_images))) for s in range(0, num_images, block)]
+    return np.concatenate(rows).astype(np.float32, copy=False)
+
+
+class TableTargets:
+    """Clean mode: one soft label per image, loaded once onto the training device and indexed by the batch's ids.
+
+    Rows are small next to the images (N × C float32: 2 MB for CIFAR-100-LT), so one bulk read keeps every training
+    step free of storage I/O; a labelset too large for device memory would stream blocks instead.
+    """
+
+    def __init__(self, source: SoftLabelSource, num_images: int, device: torch.device):
+        self.table = torch.as_tensor(read_all_rows(source, num_images), device=device)
+
+    def __call__(self, batch) -> torch.Tensor:
+        return self.table[batch.ids]
+
+
+class ViewTargets:
+    """Views mode: the batch replays one stored view per image (batch.views) and gets that view's soft label."""
+
+    def __init__(self, source, num_images: int, device: torch.device):
+        ids = np.arange(num_images)
+        self.params = torch.as_tensor(source.view_params(ids), device=device)
+        views = self.params.shape[1]
+        rows = [source.view_soft_labels(ids, np.full(num_images, v)) for v in range(views)]
+        self.table = torch.as_tensor(np.stack(rows, axis=1).astype(np.float32), device=device)
+
+    def __call__(self, batch) -> torch.Tensor:
+        return self.table[batch.ids, batch.views]
+
+
+class OnlineTargets:
+    """Online mode (the official SSD code): the frozen teacher, in eval mode, labels the very view the student sees."""
+
+    def __init__(self, teacher: torch.nn.Module, temperature: float):
+        self.teacher, self.temperature = teacher.eval(), temperature
+
+    @torch.no_grad()
+    def __call__(self, batch) -> torch.Tensor:
+        return torch.softmax(self.teacher(batch.images).float() / self.temperature, dim=1)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.augment import crop_flip_to_boxes
 from trainer.batches import make_batches
 from trainer.classifiers import LWSClassifier, NCMClassifier, TauNormClassifier, ncm_centroids, search_tau
 from trainer.config import RunConfig, dump_config
@@ -21,7 +22,10 @@ from trainer.losses import build_loss, kd_loss
 from trainer.metrics import summarize
 from trainer.models import Classifier, TwoHeadStudent, build_backbone, build_classifier
 from trainer.moco import MoCo
-from trainer.soft_targets import InMemorySoftLabels, SoftLabelSource
+from trainer.export import ModelSpec, head_kind, save_model
+from trainer.labels import sample_views, teacher_logits_block
+from trainer.soft_targets import (InMemorySoftLabels, InMemoryViewLabels, OnlineTargets, SoftLabelSource,
+                                  TableTargets, ViewTargets)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +49,21 @@ class RunContext:
     def generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 1000 + salt)
 
-    def batches(self, split, *, train: bool, batch_size: int = 256, sampler: str = "instance", key_view=False):
+    def batches(self, split, *, train: bool, batch_size: int = 256, sampler: str = "instance", key_view=False,
+                view_records=None):
         return make_batches(self.data, split, self.device, batch_size, train=train, augment_cfg=self.cfg.augment,
                             sampler=sampler, key_view=key_view, image_size=self.cfg.data.image_size,
-                            num_workers=self.cfg.data.num_workers)
+                            num_workers=self.cfg.data.num_workers, view_records=view_records)
+
+    def spec(self, model: Classifier, role: str, metrics: dict | None = None) -> ModelSpec:
+        """The self-description saved with a model file (see trainer/export.py)."""
+        kind, args = head_kind(model.head)
+        data = self.data
+        size = int(data.train.images.shape[-1]) if data.in_memory else self.cfg.data.image_size
+        return ModelSpec(arch=self.cfg.model.arch, in_channels=data.in_channels, num_classes=data.num_classes,
+                         head=kind, head_args=args, class_names=list(data.class_names), mean=list(data.mean),
+                         std=list(data.std), image_size=size, role=role, method=self.cfg.method,
+                         fingerprint=data.fingerprint, metrics=metrics or {})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,42 +174,60 @@ def teacher_logits(ctx: RunContext, teacher: nn.Module) -> torch.Tensor:
     return out
 
 
-def distill(ctx: RunContext, source: SoftLabelSource) -> TwoHeadStudent:
-    """Stage III: a new student learns CE on its hard head and T²-scaled KD from the soft labels on its soft head."""
+def in_memory_source(ctx: RunContext, teacher: Classifier):
+    """Soft labels straight from the teacher, without a store: clean rows, K replayable views, or the live teacher."""
+    cfg, aug = ctx.cfg.stage3, ctx.cfg.augment
+    if cfg.soft_labels == "online":
+        return OnlineTargets(teacher.eval(), cfg.temperature)
+    if cfg.soft_labels == "clean":
+        return InMemorySoftLabels(teacher_logits(ctx, teacher), cfg.temperature)
+    if not ctx.data.in_memory:
+        raise ValueError("views-mode soft labels need an in-memory dataset (CIFAR, Fashion-MNIST); use clean or online")
+    crops = sample_views(len(ctx.data.train), cfg.views_per_image, aug.crop_padding, aug.flip, ctx.generator(5))
+    logits = teacher_logits_block(teacher, ctx.data.train.images, ctx.data.mean, ctx.data.std,
+                                  crop_params=crops, padding=aug.crop_padding)
+    h, w = ctx.data.train.images.shape[-2:]
+    records = crop_flip_to_boxes(crops.reshape(-1, 3), aug.crop_padding, h, w).reshape(*crops.shape[:2], 5)
+    return InMemoryViewLabels(logits, records, cfg.temperature)
+
+
+def distill(ctx: RunContext, source) -> TwoHeadStudent:
+    """Stage III: a new student learns CE on its hard head and T²-scaled KD from the soft labels on its soft head.
+
+    `source` is a SoftLabelSource (clean rows; with `view_params` it holds K views the batches replay) or
+    OnlineTargets (the teacher labels each live batch).
+    """
     cfg, data = ctx.cfg.stage3, ctx.data
     if abs(source.temperature - cfg.temperature) > 1e-6:
         raise ValueError(f"soft labels are at T={source.temperature} but stage3.temperature={cfg.temperature}; "
                          "re-temper the labelset or change stage3.temperature")
+    provenance = getattr(source, "provenance", None)
+    if provenance is not None and provenance.dataset_fingerprint != data.fingerprint:
+        raise ValueError(f"labelset {source.labelset_id} was made for dataset {provenance.dataset_fingerprint}, but "
+                         f"this config's data is {data.fingerprint}: use the data config the teacher was run on")
     torch.manual_seed(ctx.cfg.seed + 3)
     student = TwoHeadStudent(build_backbone(ctx.cfg.model.arch, data.in_channels), data.num_classes).to(ctx.device)
-    targets = SoftTargets(source, len(data.train), ctx.device)
+    view_records = None
+    if isinstance(source, OnlineTargets):
+        targets = source
+    elif getattr(source, "mode", "clean") == "views":
+        targets = ViewTargets(source, len(data.train), ctx.device)
+        view_records = torch.as_tensor(source.view_params(np.arange(len(data.train))))
+    else:
+        targets = TableTargets(source, len(data.train), ctx.device)
 
     def loss_fn(batch, progress):
         hard_logits, soft_logits = student(batch.images)
         hard = F.cross_entropy(hard_logits, batch.labels)
-        soft = kd_loss(soft_logits, targets(batch.ids), cfg.temperature)
+        soft = kd_loss(soft_logits, targets(batch), cfg.temperature)
         return cfg.hard_weight * hard + cfg.soft_weight * soft, {"hard": hard.detach(), "kd": soft.detach()}
 
-    batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler)
+    batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
+                          view_records=view_records)
     fit(stage="III", model=student, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(3),
         checkpoint=ctx.out_dir / "stage3" / "checkpoint.pt", meta=ctx.meta("III"),
         on_epoch_end=_periodic_eval(ctx, student, lambda x: student(x)[1]))
     return student
-
-
-class SoftTargets:
-    """Soft-label rows for a batch's image ids, read from the source once and kept on the training device.
-
-    The rows are small next to the images (N × C float32: 2 MB for CIFAR-100-LT), so one bulk read up front keeps
-    every training step free of storage I/O.
-    """
-
-    def __init__(self, source: SoftLabelSource, num_images: int, device: torch.device):
-        rows = source.soft_labels(np.arange(num_images))
-        self.table = torch.as_tensor(np.asarray(rows, dtype=np.float32), device=device)
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table[ids]
 
 
 def rebalance_soft_head(ctx: RunContext, student: TwoHeadStudent) -> TwoHeadStudent:
@@ -207,7 +240,11 @@ def rebalance_soft_head(ctx: RunContext, student: TwoHeadStudent) -> TwoHeadStud
     return student
 
 
-def evaluate(ctx: RunContext, forward, split=None) -> dict:
+def evaluate(ctx: RunContext, forward, split=None, module: nn.Module | None = None) -> dict:
+    """Last-epoch test metrics; `module` (the network behind `forward`) is put in eval mode first."""
+    for m in (module, forward):
+        if isinstance(m, nn.Module):
+            m.eval()
     logits, labels, _ = predict(forward, ctx.batches(split or ctx.data.test, train=False))
     return summarize(logits.argmax(1), labels, ctx.data.class_counts)
 
@@ -220,14 +257,16 @@ def _periodic_eval(ctx: RunContext, module: nn.Module, forward=None):
     def hook(epoch: int) -> dict:
         if (epoch + 1) % ctx.cfg.eval_every:
             return {}
-        module.eval()
-        return {"test_top1": evaluate(ctx, forward or module)["overall"]}
+        return {"test_top1": evaluate(ctx, forward or module, module=module)["overall"]}
 
     return hook
 
 
 def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: LongTailData | None = None) -> dict:
-    """Train what `cfg.method` names, evaluate the last epoch on the test set, write metrics.json and plots."""
+    """Train what `cfg.method` names, evaluate the last epoch on the test set, write metrics.json and plots.
+
+    With `source` (a labelset reader) SSD skips stages I-II and distils from the stored soft labels.
+    """
     from trainer.plots import plot_label_distributions, plot_per_class_accuracy
 
     ctx = prepare(cfg, data)
@@ -235,7 +274,6 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
                     "seed": cfg.seed, "lt_seed": cfg.data.lt_seed, "fingerprint": ctx.data.fingerprint,
                     "device": str(ctx.device), "class_counts": ctx.data.class_counts.tolist(),
                     "class_names": ctx.data.class_names, "stages": {}}
-    distilled = None
     if source is None or cfg.pipeline != "ssd":
         model = train_stage1(ctx)
         report["stages"]["I"] = evaluate(ctx, model.eval())
@@ -244,25 +282,31 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
             final = teacher = rebalance(ctx, model)
             report["stages"]["II"] = evaluate(ctx, teacher.eval())
             if cfg.pipeline == "ssd":
-                logits = teacher_logits(ctx, teacher)
-                torch.save(logits, ctx.out_dir / "teacher_train_logits.pt")
-                source = InMemorySoftLabels(logits, cfg.stage3.temperature)
+                save_model(ctx.out_dir / "teacher.pt", teacher, ctx.spec(teacher, "teacher", report["stages"]["II"]))
+                source = in_memory_source(ctx, teacher)
+    distilled = None
     if cfg.pipeline == "ssd":
-        report["soft_labels"] = {"source": type(source).__name__, "temperature": source.temperature,
+        report["soft_labels"] = {"mode": getattr(source, "mode", "online"), "source": type(source).__name__,
+                                 "temperature": source.temperature,
                                  "labelset_id": getattr(source, "labelset_id", None)}
         student = distill(ctx, source)
-        report["stages"]["III"] = evaluate(ctx, lambda x: student(x)[1])
-        report["stages"]["III_hard_head"] = evaluate(ctx, lambda x: student(x)[0])
+        report["stages"]["III"] = evaluate(ctx, lambda x: student(x)[1], module=student)
+        report["stages"]["III_hard_head"] = evaluate(ctx, lambda x: student(x)[0], module=student)
         if cfg.stage4.enabled:
             student = rebalance_soft_head(ctx, student)
-            report["stages"]["IV"] = evaluate(ctx, lambda x: student(x)[1])
-        student.eval()
+            report["stages"]["IV"] = evaluate(ctx, lambda x: student(x)[1], module=student)
         final = Classifier(student.backbone, student.soft_head)
-        distilled = SoftTargets(source, len(ctx.data.train), torch.device("cpu")).table.sum(0).numpy()
+        if not isinstance(source, OnlineTargets):
+            distilled = TableTargets(source, len(ctx.data.train), torch.device("cpu")).table.sum(0).numpy()
     report["final"] = evaluate(ctx, final.eval())
-    torch.save({"state_dict": final.state_dict(), "arch": cfg.model.arch}, ctx.out_dir / "model.pt")
+    role = "student" if cfg.pipeline == "ssd" else "classifier"
+    save_model(ctx.out_dir / "model.pt", final, ctx.spec(final, role, _headline(report["final"])))
     (ctx.out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
     plot_per_class_accuracy(ctx.data.class_counts, report["final"]["per_class"], ctx.data.class_names,
                             ctx.out_dir / "per_class_accuracy.png", title=f"{cfg.method} on {ctx.data.name}-LT")
     plot_label_distributions(ctx.data.class_counts, distilled, ctx.out_dir / "label_distributions.png")
     return report
+
+
+def _headline(result: dict) -> dict:
+    return {k: result[k] for k in ("overall", "many", "medium", "few")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
@@ -55,3 +56,69 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
         k: getattr(cfg.data, k).resolve() for k in ("root", "train_list", "test_list") if getattr(cfg.data, k)
     })
     return cfg.model_copy(update={"out_dir": cfg.out_dir.resolve(), "data": data})
+
+
+class WorkerDiedError(RuntimeError):
+    """A label-generation worker process died; the chunks it finished are kept and a re-run writes only the rest."""
+
+
+def generate_labelset(teacher_path: Path, cfg: RunConfig, store_root: Path, labelset_id: str, *,
+                      temperature: float | None = None, mode: str | None = None, views: int | None = None,
+                      logits_dtype: str = "float16", top_k: int | None = None, num_workers: int | None = None,
+                      chunk_rows: int | None = None, exit_after_chunks: int | None = None):
+    """Run the teacher over the training set on Ray actors (one per GPU, else per CPU) into a published labelset.
+
+    Chunks are handed out one call at a time, so fast workers take more and the driver's bar shows progress across
+    all of them. Re-running the same call after a crash finishes only the missing chunks.
+    `exit_after_chunks` makes the first worker die (os._exit) after that many chunks: the tests' injected failure.
+    """
+    from tqdm.auto import tqdm
+
+    from store import LabelsetSpec, LabelsetWriter
+    from trainer.datasets import load_dataset
+    from trainer.export import file_sha256, load_model
+    from trainer.labels import LabelShardWriter
+
+    _, model_spec = load_model(teacher_path)
+    data = load_dataset(cfg.data)
+    if data.fingerprint != model_spec.fingerprint:
+        raise ValueError(f"teacher {teacher_path} was trained on dataset {model_spec.fingerprint}, but the config's "
+                         f"data is {data.fingerprint}: pass the teacher's own run config")
+    mode = mode or ("views" if cfg.stage3.soft_labels == "views" else "clean")
+    spec = LabelsetSpec(
+        teacher_checkpoint_hash=file_sha256(teacher_path), dataset_name=data.name,
+        dataset_fingerprint=data.fingerprint, num_images=len(data.train), num_classes=data.num_classes,
+        temperature=temperature or cfg.stage3.temperature, config=cfg.model_dump(mode="json"),
+        class_names=list(data.class_names), class_counts=data.class_counts.tolist(), mode=mode,
+        views_per_image=(views or cfg.stage3.views_per_image) if mode == "views" else 1,
+        logits_dtype=logits_dtype, top_k=top_k, chunk_rows=chunk_rows,
+    )
+    writer = LabelsetWriter.create(store_root, labelset_id, spec, exist_ok=True)
+    queue = writer.missing_chunks()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = num_workers or gpus or min(4, int(ray.cluster_resources().get("CPU", 1)))
+    actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(LabelShardWriter)
+    args = (str(Path(teacher_path).resolve()), _absolute_paths(cfg).data.model_dump(mode="json"),
+            str(Path(store_root).resolve()), labelset_id, cfg.augment.model_dump(), cfg.seed)
+    actors = [actor_cls.remote(*args, exit_after_chunks=exit_after_chunks if i == 0 else None)
+              for i in range(max(1, min(count, len(queue))))]
+    pending = {actor.write.remote(queue.pop(0)): actor for actor in actors if queue}
+    bar = tqdm(total=writer.num_chunks, initial=writer.num_chunks - len(queue) - len(pending),
+               desc=f"labels {labelset_id}", unit="chunk", dynamic_ncols=True)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(done[0])
+            ray.get(done[0])
+            bar.update(1)
+            if queue:
+                pending[actor.write.remote(queue.pop(0))] = actor
+    except ray.exceptions.RayActorError as err:
+        missing = len(writer.missing_chunks())
+        raise WorkerDiedError(f"a label worker died; {missing} of {writer.num_chunks} chunks are missing. "
+                              "Re-run the same command to write only those.") from err
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return writer.publish()

@@ -233,3 +233,16 @@ def test_cuda_matches_cpu():
     assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-4)
     crop = augment.random_crop_flip(images.cuda(), 4, True, gen(4))
     assert torch.equal(crop.cpu(), augment.random_crop_flip(images, 4, True, gen(4)))
+
+
+def test_crop_flip_params_replay_exactly_and_round_trip_through_view_records():
+    from trainer.augment import (apply_crop_flip, boxes_to_crop_flip, crop_flip_to_boxes, random_crop_flip,
+                                 sample_crop_flip)
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    params = sample_crop_flip(16, 4, True, torch.Generator().manual_seed(3))
+    direct = random_crop_flip(images, 4, True, torch.Generator().manual_seed(3))
+    assert torch.equal(apply_crop_flip(images, params, 4), direct)
+    records = crop_flip_to_boxes(params, 4, 32, 32)
+    assert torch.all(records[:, 2] - records[:, 0] == 32) and torch.all(records[:, :2] >= -4)
+    assert torch.equal(boxes_to_crop_flip(records, 4), params)

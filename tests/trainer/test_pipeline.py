@@ -29,6 +29,42 @@ def test_every_method_runs_and_reports(method, tiny_lt, tmp_path):
     assert set(report["stages"]) == stages[cfg.pipeline]
 
 
+@pytest.mark.parametrize("mode", ["views", "online"])
+def test_ssd_soft_label_modes(mode, tiny_lt, tmp_path):
+    cfg = load_config(None, [*TINY, f"stage3.soft_labels={mode}", "stage3.views_per_image=3", f"out_dir={tmp_path}"])
+    report = run_pipeline(cfg, data=tiny_lt)
+    assert report["soft_labels"]["mode"] == mode
+    assert report["soft_labels"]["source"] == {"views": "InMemoryViewLabels", "online": "OnlineTargets"}[mode]
+    assert "IV" in report["stages"]
+
+
+def test_saved_models_rebuild_and_predict_the_same(tiny_lt, tmp_path):
+    from trainer.export import load_model
+    from trainer.stages import evaluate, prepare
+
+    cfg = load_config(None, [*TINY, f"out_dir={tmp_path}"])
+    report = run_pipeline(cfg, data=tiny_lt)
+    ctx = prepare(cfg, tiny_lt)
+    student, spec = load_model(tmp_path / "model.pt")
+    assert (spec.role, spec.head, spec.fingerprint) == ("student", "lws", tiny_lt.fingerprint)
+    assert evaluate(ctx, student)["per_class"] == report["final"]["per_class"]
+    teacher, spec = load_model(tmp_path / "teacher.pt")
+    assert spec.role == "teacher" and evaluate(ctx, teacher)["overall"] == report["stages"]["II"]["overall"]
+
+
+def test_stage3_is_evaluated_in_eval_mode(tiny_lt, tmp_path):
+    """Regression: a train-mode student would normalise class-sorted test batches with their own statistics."""
+    from trainer.export import load_model
+    from trainer.models import Classifier
+    from trainer.stages import evaluate, prepare
+
+    cfg = load_config(None, [*TINY, "stage4.enabled=false", f"out_dir={tmp_path}"])
+    report = run_pipeline(cfg, data=tiny_lt)
+    student, _ = load_model(tmp_path / "model.pt")
+    assert isinstance(student, Classifier) and not student.training
+    assert evaluate(prepare(cfg, tiny_lt), student)["per_class"] == report["stages"]["III"]["per_class"]
+
+
 def test_rerun_of_finished_run_trains_nothing_and_gives_same_numbers(tiny_lt, tmp_path):
     cfg = load_config(None, [*TINY, "method=lws", f"out_dir={tmp_path}"])
     first = run_pipeline(cfg, data=tiny_lt)

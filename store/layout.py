@@ -1,0 +1,135 @@
+"""The on-disk contract of a labelset: folders, array names, shapes, dtypes, chunking and codecs, in one place.
+
+A labelset is one teacher x one dataset x one temperature. It is a plain Zarr v3 group, readable with
+`zarr.open_group(path, mode="r")` and no `ltd` code::
+
+    <root>/<labelset_id>/            published labelset (appears only by an atomic directory rename)
+        zarr.json                    group metadata; attributes = the provenance record (store/provenance.py):
+                                     temperature, num_classes, mode, chunk_rows, per-chunk sha256 checksums, ...
+        logits/        (N, C) or (N, K, C)  float16 | float32   teacher logits, as generated
+        soft_labels/   (N, C) or (N, K, C)  float16             softmax(logits / T), T = attrs["temperature"]
+        hard_labels/   (N,)                 int32               ground-truth training labels
+        topk_indices/  (N, k) or (N, K, k)  int32               optional: top-k classes of soft_labels, largest first
+        topk_values/   (N, k) or (N, K, k)  float16             optional: their probabilities renormalised to sum 1
+        view_params/   (N, K, 5)            float32             views mode only: crop x0, y0, x1, y1 (pixels), flip 0|1
+    <root>/.staging/<labelset_id>/   generation in progress (invisible to readers and to the catalog)
+        labelset/                    the group above, being filled chunk by chunk
+        done/<chunk>.json            one marker per finished chunk with its checksums (written atomically)
+    <root>/.trash/                   deleted labelsets on their way out (renamed here, then removed)
+
+Row i of every array is training image `image_id = i`. Modes: `clean` = one teacher output per image;
+`views` = K augmented views per image with the crop/flip replay parameters of each view (FKD-style storage).
+Every array is chunked along images only, with the same `chunk_rows` (chosen so a logits chunk is about
+512 KiB), so one writer owns whole chunks of every array. Chunks are compressed with Blosc-zstd (byte shuffle)
+followed by a crc32c codec, so plain zarr readers also detect damaged bytes. The chunk checksum stored in the
+provenance is sha256 over the chunk's decoded numbers (C order, little-endian, stored dtype).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from store.errors import InvalidLabelsetIdError
+
+LAYOUT_VERSION = 1
+LABELSET_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+STAGING_DIR = ".staging"
+TRASH_DIR = ".trash"
+STAGED_GROUP = "labelset"
+DONE_DIR = "done"
+TARGET_CHUNK_BYTES = 512 * 1024
+VIEW_PARAM_COLUMNS = ("x0", "y0", "x1", "y1", "flip")
+MODES = ("clean", "views")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a labelset: its shape, stored dtype, dimension names, fill value and a description."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    dims: tuple[str, ...]
+    fill_value: float | int
+    description: str
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one image's row (everything after the image axis)."""
+        return self.shape[1:]
+
+
+def validate_labelset_id(labelset_id: str) -> str:
+    """Return the id unchanged if it is a safe folder name, else raise InvalidLabelsetIdError (no path escapes)."""
+    if not isinstance(labelset_id, str) or not LABELSET_ID_PATTERN.fullmatch(labelset_id):
+        raise InvalidLabelsetIdError(
+            f"invalid labelset id {labelset_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ - starting with a "
+            "letter or digit"
+        )
+    return labelset_id
+
+
+def published_path(root: str | Path, labelset_id: str) -> Path:
+    """Folder of a published labelset: `<root>/<labelset_id>`."""
+    return Path(root) / validate_labelset_id(labelset_id)
+
+
+def staging_path(root: str | Path, labelset_id: str) -> Path:
+    """Folder of a labelset being generated: `<root>/.staging/<labelset_id>` (holds `labelset/` and `done/`)."""
+    return Path(root) / STAGING_DIR / validate_labelset_id(labelset_id)
+
+
+def default_chunk_rows(num_images: int, views_per_image: int, num_classes: int, itemsize: int) -> int:
+    """Rows per chunk: the largest power of two keeping one logits chunk <= ~512 KiB (fast random reads)."""
+    row_bytes = views_per_image * num_classes * itemsize
+    rows = max(1, TARGET_CHUNK_BYTES // row_bytes)
+    return int(min(2 ** int(np.log2(rows)), num_images))
+
+
+def num_chunks(num_images: int, chunk_rows: int) -> int:
+    """How many image chunks an array of `num_images` rows has."""
+    return -(-num_images // chunk_rows)
+
+
+def chunk_bounds(chunk_index: int, chunk_rows: int, num_images: int) -> tuple[int, int]:
+    """Image rows [start, stop) covered by chunk `chunk_index` (the last chunk may be short)."""
+    start = chunk_index * chunk_rows
+    return start, min(start + chunk_rows, num_images)
+
+
+def array_specs(
+    num_images: int, num_classes: int, mode: str, views_per_image: int, logits_dtype: str, top_k: int | None
+) -> dict[str, ArraySpec]:
+    """Every array a labelset with these settings holds, in write order."""
+    n, c, k = num_images, num_classes, views_per_image
+    lead = (n, k) if mode == "views" else (n,)
+    lead_dims = ("image", "view") if mode == "views" else ("image",)
+    specs = [
+        ArraySpec("logits", lead + (c,), logits_dtype, lead_dims + ("class",), float("nan"), "teacher logits"),
+        ArraySpec("soft_labels", lead + (c,), "float16", lead_dims + ("class",), float("nan"),
+                  "softmax(logits / temperature)"),
+        ArraySpec("hard_labels", (n,), "int32", ("image",), -1, "ground-truth training label"),
+    ]
+    if top_k:
+        specs += [
+            ArraySpec("topk_indices", lead + (top_k,), "int32", lead_dims + ("rank",), -1,
+                      "classes of the top-k soft labels, largest first"),
+            ArraySpec("topk_values", lead + (top_k,), "float16", lead_dims + ("rank",), float("nan"),
+                      "top-k soft labels renormalised to sum to 1"),
+        ]
+    if mode == "views":
+        specs.append(ArraySpec("view_params", (n, k, len(VIEW_PARAM_COLUMNS)), "float32",
+                               ("image", "view", "param"), float("nan"),
+                               "replay parameters per view: " + ", ".join(VIEW_PARAM_COLUMNS)))
+    return {s.name: s for s in specs}
+
+
+def compressors(dtype: str) -> list:
+    """Codec chain after serialisation: Blosc-zstd with byte shuffle (floats compress better), then crc32c."""
+    typesize = np.dtype(dtype).itemsize
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=typesize), Crc32cCodec()]
