@@ -22,6 +22,7 @@ TABLES = {  # reproduction tables: config folder, methods, imbalance factors
     "cifar100_lt": ("cifar100_lt", ("ce", "lws", "ssd"), (100, 50, 10)),
     "cifar10_lt": ("cifar10_lt", ("ce", "lws", "ssd"), (100, 50, 10)),
     "embedded": ("embedded", ("ce", "lws", "ssd"), (100,)),
+    "embedded_modes": ("embedded", ("ssd_clean", "ssd_views", "ssd_online"), (100,)),
 }
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (see configs/)")]
@@ -91,6 +92,7 @@ def multiseed(overrides: Overrides = None, config: ConfigOpt = None, seeds: str 
 
 def table_configs(table: str, seeds: list[int], factors: list[int], methods: list[str], extra: list[str],
                   out_root: Path) -> list[tuple[str, int, RunConfig]]:
+    """One config per (method, IF, seed); a 'method' here is a config file name, e.g. ssd or ssd_views."""
     folder = CONFIGS / TABLES[table][0]
     out = []
     for method in methods:
