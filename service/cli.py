@@ -21,8 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TABLES = {  # reproduction tables: config folder, methods, imbalance factors
     "cifar100_lt": ("cifar100_lt", ("ce", "lws", "ssd"), (100, 50, 10)),
     "cifar10_lt": ("cifar10_lt", ("ce", "lws", "ssd"), (100, 50, 10)),
-    "embedded": ("embedded", ("ce", "lws", "ssd"), (100,)),
-    "embedded_modes": ("embedded", ("ssd_clean", "ssd_views", "ssd_online"), (100,)),
+    "embedded": ("embedded", ("ce", "lws", "ssd", "ssd_views", "ssd_online"), (100,)),
 }
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (see configs/)")]

@@ -65,11 +65,14 @@ class WorkerDiedError(RuntimeError):
 def generate_labelset(teacher_path: Path, cfg: RunConfig, store_root: Path, labelset_id: str, *,
                       temperature: float | None = None, mode: str | None = None, views: int | None = None,
                       logits_dtype: str = "float16", top_k: int | None = None, num_workers: int | None = None,
-                      chunk_rows: int | None = None, exit_after_chunks: int | None = None):
+                      chunk_rows: int | None = None, writers_per_gpu: int = 4,
+                      exit_after_chunks: int | None = None):
     """Run the teacher over the training set on Ray actors (one per GPU, else per CPU) into a published labelset.
 
     Chunks are handed out one call at a time, so fast workers take more and the driver's bar shows progress across
-    all of them. Re-running the same call after a crash finishes only the missing chunks.
+    all of them. Re-running the same call after a crash finishes only the missing chunks. On GPUs several actors
+    share each GPU (`writers_per_gpu`): a zarr chunk write costs milliseconds of CPU (bench/label_store.py), so
+    overlapping one actor's writes with another's teacher pass keeps the GPU busy.
     `exit_after_chunks` makes the first worker die (os._exit) after that many chunks: the tests' injected failure.
     """
     from tqdm.auto import tqdm
@@ -96,8 +99,8 @@ def generate_labelset(teacher_path: Path, cfg: RunConfig, store_root: Path, labe
     writer = LabelsetWriter.create(store_root, labelset_id, spec, exist_ok=True)
     queue = writer.missing_chunks()
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = num_workers or gpus or min(4, int(ray.cluster_resources().get("CPU", 1)))
-    actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(LabelShardWriter)
+    count = num_workers or (gpus * writers_per_gpu) or min(4, int(ray.cluster_resources().get("CPU", 1)))
+    actor_cls = ray.remote(num_gpus=1 / writers_per_gpu if gpus else 0, num_cpus=1)(LabelShardWriter)
     args = (str(Path(teacher_path).resolve()), _absolute_paths(cfg).data.model_dump(mode="json"),
             str(Path(store_root).resolve()), labelset_id, cfg.augment.model_dump(), cfg.seed)
     actors = [actor_cls.remote(*args, exit_after_chunks=exit_after_chunks if i == 0 else None)

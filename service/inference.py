@@ -1,0 +1,161 @@
+"""Trained classifiers under the runs root: ids -> files, cached loads, checked image decoding, one batched forward."""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import ImageDecodeError, InvalidIdError, ModelNotFoundError, PayloadTooLargeError
+
+log = logging.getLogger(__name__)
+
+SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no "..", no "/", no leading dot: never a path escape
+MAX_DEPTH = 3  # run folders are found up to runs_root/a/b/c/model.pt
+FORMATS = ("PNG", "JPEG")
+FORWARD_BATCH = 256  # images per forward pass: bounds activation memory on large uploads
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model file found under the runs root, with the self-description saved in it (trainer.export.ModelSpec)."""
+
+    model_id: str
+    path: Path
+    spec: object  # trainer.export.ModelSpec (torch is imported lazily, so not named here)
+    size_bytes: int
+    modified: float
+
+
+class ModelRegistry:
+    """Finds `model.pt` / `teacher.pt` under the runs root; loads them once per (file, mtime) into an LRU.
+
+    A model id is the run folder's path under the root ("3f2a9c01d4e5", "demo/ssd"); "<run>/teacher" names the
+    SSD teacher saved beside the student. Ids are checked segment by segment, so no id reaches outside the root.
+    """
+
+    def __init__(self, runs_root: Path, device: str = "auto", cache_size: int = 4):
+        self.root = Path(runs_root)
+        self.device = device
+        self._spec = functools.lru_cache(maxsize=1024)(self._read_spec)
+        self._model = functools.lru_cache(maxsize=cache_size)(self._load_model)
+
+    def resolve(self, model_id: str) -> Path:
+        """The model file of an id, or InvalidIdError (not a safe id) / ModelNotFoundError (no such file)."""
+        parts = model_id.split("/")
+        if len(parts) > MAX_DEPTH + 1 or not all(SEGMENT.fullmatch(p) for p in parts):
+            raise InvalidIdError(f"invalid model id {model_id!r}: use run folder names (letters, digits, . _ -) "
+                                 f"joined by '/', at most {MAX_DEPTH} deep, optionally ending in '/teacher'")
+        root = self.root.resolve()
+        candidates = [root.joinpath(*parts, "model.pt")]
+        if parts[-1] == "teacher" and len(parts) > 1:
+            candidates.insert(0, root.joinpath(*parts[:-1], "teacher.pt"))
+        for path in candidates:
+            # resolve() follows symlinks: a link pointing outside the root is not ours to load
+            if path.is_file() and path.resolve().is_relative_to(root):
+                return path
+        raise ModelNotFoundError(f"no model {model_id!r} under the runs root")
+
+    def list(self) -> list[ModelEntry]:
+        """Every readable model file under the root, sorted by id (unreadable files are logged and skipped)."""
+        root = self.root.resolve()
+        if not root.is_dir():
+            return []
+        out = []
+        for depth in range(1, MAX_DEPTH + 1):
+            for name in ("model.pt", "teacher.pt"):
+                for path in root.glob("/".join(["*"] * depth + [name])):
+                    folder = path.parent.relative_to(root).as_posix()
+                    model_id = folder if name == "model.pt" else f"{folder}/teacher"
+                    try:
+                        out.append(self.entry(model_id, path))
+                    except (InvalidIdError, OSError, RuntimeError, KeyError, TypeError) as err:
+                        log.warning("skipping %s: %s", path, err)
+        return sorted(out, key=lambda e: e.model_id)
+
+    def entry(self, model_id: str, path: Path | None = None) -> ModelEntry:
+        """The listing entry of one model (spec read from the file header, weights not loaded)."""
+        path = path or self.resolve(model_id)
+        if not all(SEGMENT.fullmatch(p) for p in model_id.split("/")):
+            raise InvalidIdError(f"model folder {model_id!r} is not a valid id")
+        stat = path.stat()
+        return ModelEntry(model_id, path, self._spec(str(path), stat.st_mtime_ns), stat.st_size, stat.st_mtime)
+
+    def load(self, model_id: str):
+        """(model in eval mode on the serving device, ModelSpec); reloaded when the file changes."""
+        path = self.resolve(model_id)
+        return self._model(str(path), path.stat().st_mtime_ns)
+
+    def _read_spec(self, path: str, mtime_ns: int):
+        import torch
+
+        from trainer.export import ModelSpec
+
+        # mmap: only the small spec dict is read, not the weights
+        return ModelSpec(**torch.load(path, map_location="cpu", weights_only=True, mmap=True)["spec"])
+
+    def _load_model(self, path: str, mtime_ns: int):
+        from trainer.export import load_model
+        from trainer.stages import resolve_device
+
+        device = resolve_device(self.device)
+        model, spec = load_model(Path(path), map_location=device)
+        return model.to(device), spec
+
+
+def decode_image(data: bytes, filename: str, max_pixels: int):
+    """A PIL image from PNG/JPEG bytes: verified first, size-checked before the pixels are decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt, (width, height) = probe.format, probe.size
+            probe.verify()  # checks structure and checksums without decoding the pixels
+    except bad as err:
+        raise ImageDecodeError(f"{filename!r} is not a readable PNG or JPEG image: {err}", filename=filename) from err
+    if fmt not in FORMATS:
+        raise ImageDecodeError(f"{filename!r} is {fmt}; send PNG or JPEG", filename=filename)
+    if width * height > max_pixels:
+        raise PayloadTooLargeError(f"{filename!r} is {width}x{height} pixels; the limit is {max_pixels} pixels")
+    try:
+        image = Image.open(io.BytesIO(data))  # verify() leaves the image unusable: open it again
+        image.load()
+    except bad as err:  # e.g. a truncated file that passed the structural check
+        raise ImageDecodeError(f"{filename!r} could not be decoded: {err}", filename=filename) from err
+    return image
+
+
+def to_model_input(image, spec):
+    """uint8 (C, S, S): converted to the model's channels, shorter side resized to S, centre-cropped."""
+    from torchvision.transforms.v2 import functional as TF
+
+    tensor = TF.pil_to_tensor(image.convert("L" if spec.in_channels == 1 else "RGB"))
+    size = spec.image_size
+    if tensor.shape[-2:] != (size, size):
+        tensor = TF.center_crop(TF.resize(tensor, [size], antialias=True), [size, size])
+    return tensor
+
+
+def classify(model, spec, images, k: int):
+    """Top-k (probabilities, class ids), each (N, k), of uint8 images (N, C, S, S), in forward passes on the device.
+
+    Normalised exactly as in training (trainer.augment: to_float then per-channel mean/std).
+    """
+    import torch
+
+    from trainer.augment import normalize, to_float
+
+    device = next(model.parameters()).device
+    k = min(k, spec.num_classes)
+    values, indices = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), FORWARD_BATCH):
+            x = normalize(to_float(images[start:start + FORWARD_BATCH].to(device)), spec.mean, spec.std)
+            top = torch.softmax(model(x).float(), dim=1).topk(k, dim=1)
+            values.append(top.values.cpu())
+            indices.append(top.indices.cpu())
+    return torch.cat(values), torch.cat(indices)

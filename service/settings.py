@@ -1,0 +1,44 @@
+"""Deployment settings of the HTTP service, read from `LTD_*` environment variables (or a `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the data lives, how to reach Ray, who may write; never hyperparameters (those travel in job configs)."""
+
+    model_config = SettingsConfigDict(env_prefix="LTD_", env_file=".env", extra="ignore", frozen=True)
+
+    store_root: Path = Field(Path("store"), description="Label store root: labelsets are folders under it")
+    runs_root: Path = Field(Path("runs"), description="Run folders: jobs write runs_root/<job_id>/, models are read here")
+    data_root: Path | None = Field(
+        None, description="Only dataset paths under this folder may appear in job configs (None: no paths at all)"
+    )
+    db_path: Path | None = Field(None, description="SQLite file of job records (None: runs_root/jobs.sqlite3)")
+    api_key: SecretStr | None = Field(None, description="Key for mutating endpoints, sent as X-API-Key (None: open)")
+    read_key_required: bool = Field(False, description="Also require the key on read endpoints")
+    ray_address: str | None = Field(None, description="Ray cluster address (None: RAY_ADDRESS, else a local Ray)")
+    max_batch_ids: int = Field(10_000, ge=1, description="Most image ids one labels:batch request may ask for")
+    max_upload_bytes: int = Field(16 * 2**20, ge=1024, description="Largest request body (predict uploads), bytes")
+    max_upload_files: int = Field(256, ge=1, description="Most images one predict request may carry")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest decoded image (width x height) accepted")
+    reader_cache_size: int = Field(16, ge=1, description="Labelset readers kept open (each caches decoded chunks)")
+    reader_cache_mib: float = Field(256, gt=0, description="Decoded-chunk cache per labelset reader, MiB")
+    model_cache_size: int = Field(4, ge=1, description="Loaded models kept in memory (LRU by file and mtime)")
+    device: str = Field("auto", description="Inference device: 'auto' picks CUDA when present, else CPU")
+
+    @property
+    def jobs_db(self) -> Path:
+        """The SQLite file of job records."""
+        return self.db_path or self.runs_root / "jobs.sqlite3"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process (tests build their own `Settings` instead)."""
+    return Settings()
