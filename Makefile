@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/ltd demo
 
 test: install
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
+	PATH="$(abspath $(BIN)):$$PATH" OMP_NUM_THREADS=2 $(BIN)/python -m pytest
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
