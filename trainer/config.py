@@ -170,6 +170,15 @@ class RunConfig(Frozen):
             _fill(data, ("stage2", "method"), method, method)
         return data
 
+    @model_validator(mode="after")
+    def _heads_fit(self) -> RunConfig:
+        if self.pipeline != "joint" and self.stage1.loss.name == "ldam" and self.stage2.method in ("lws", "tau_norm"):
+            raise ValueError(
+                f"stage2.method={self.stage2.method} re-scales a linear head, but stage1.loss.name=ldam trains a "
+                "cosine head: use stage2.method=crt or ncm, or another stage-I loss"
+            )
+        return self
+
     @property
     def pipeline(self) -> Literal["joint", "decoupled", "ssd"]:
         if self.method in JOINT_METHODS:

@@ -38,6 +38,7 @@ def test_method_sets_stage_defaults_and_overrides_win():
         (["data.imbalance_factor=0.5"], "greater than or equal"),
         (["stage1.optim.milestones=[160, 180]"], "fractions"),
         (["stage1"], "key.path=value"),
+        (["method=lws", "stage1.loss.name=ldam"], "cosine head"),
     ],
 )
 def test_bad_configs_say_what_to_fix(overrides, message):
