@@ -240,9 +240,73 @@ def distill(
 
 
 @app.command()
-def demo(out_root: Path = Path("runs/demo"), ray: RayOpt = True, address: AddressOpt = None):
-    """The main job on the embedded dataset: CE, LWS and SSD side by side (a few minutes on 2 CPU cores)."""
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    store: Annotated[Optional[Path], typer.Option("--store", help="Label store root (env LTD_STORE_ROOT)")] = None,
+    runs: Annotated[Optional[Path], typer.Option("--runs", help="Runs root: job outputs, served models "
+                                                                 "(env LTD_RUNS_ROOT)")] = None,
+    address: AddressOpt = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+):
+    """Serve labelsets, jobs and models over HTTP (docs at /docs); the API key is read from LTD_API_KEY only."""
+    import os
+
+    import uvicorn
+
+    from service.settings import Settings
+
+    _setup_logging()
+    # the app factory reads LTD_* settings from the environment: options given here win over it
+    for var, value in (("LTD_STORE_ROOT", store), ("LTD_RUNS_ROOT", runs), ("LTD_RAY_ADDRESS", address)):
+        if value is not None:
+            os.environ[var] = str(value)
+    settings = Settings()
+    typer.echo(f"serving {settings.store_root}/ and {settings.runs_root}/ at http://{host}:{port} (docs: /docs); try:")
+    for line in example_requests(f"http://{host}:{port}", settings):
+        typer.echo("  " + line)
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_level=log_level)
+
+
+def example_requests(base_url: str, settings, labelset_id: str | None = None, model_id: str | None = None,
+                     image: Path | None = None) -> list[str]:
+    """curl lines that work as printed against `ltd serve` (defaults: the first labelset and student found)."""
+    from service.inference import ModelRegistry
+    from store import list_labelsets
+
+    if labelset_id is None:
+        labelset_id = next((s.labelset_id for s in list_labelsets(settings.store_root)), None)
+    if model_id is None:
+        models = ModelRegistry(settings.runs_root).list()
+        model_id = next((m.model_id for m in sorted(models, key=lambda m: m.spec.role != "student")), None)
+    # the key is referred to by its variable, never printed
+    key = " -H \"X-API-Key: $LTD_API_KEY\"" if settings.read_key_required and settings.api_key else ""
+    lines = [f"curl -s{key} {base_url}/v1/labelsets", f"curl -s{key} {base_url}/v1/models"]
+    if labelset_id:
+        lines += [f"curl -s{key} '{base_url}/v1/labelsets/{labelset_id}/labels/0?top_k=3'",
+                  f"curl -s{key} -X POST {base_url}/v1/labelsets/{labelset_id}/labels:batch "
+                  "-H 'Content-Type: application/json' -d '{\"image_ids\": [0, 1, 2], \"temperature\": 4}'"]
+    if model_id and image:
+        lines.append(f"curl -s{key} -X POST '{base_url}/v1/models/{model_id}:predict?top_k=3' -F files=@{image}")
+    return lines
+
+
+@app.command()
+def demo(
+    out_root: Path = Path("runs/demo"),
+    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="End by serving what was trained")] = True,
+    port: int = 8000,
+    ray: RayOpt = True,
+    address: AddressOpt = None,
+):
+    """The main job on the embedded dataset: CE, LWS and SSD side by side (a few minutes on 2 CPU cores), then the
+    SSD teacher's soft labels published to a store and served with the student on 127.0.0.1."""
+    import os
+
+    from store import LabelsetReader, StoreError
+    from trainer.datasets import load_dataset
     from trainer.report import format_table
+    from trainer.workers import generate_labelset, init_ray
 
     _setup_logging()
     cfgs = [load_config(CONFIGS / "embedded" / f"{m}.yaml", [f"out_dir={out_root / m}"]) for m in ("ce", "lws", "ssd")]
@@ -251,6 +315,36 @@ def demo(out_root: Path = Path("runs/demo"), ray: RayOpt = True, address: Addres
     typer.echo(f"\ndataset: {reports[0]['dataset']}-LT, class sizes {reports[0]['class_counts']}")
     for cfg in cfgs:
         typer.echo(f"wrote {cfg.out_dir}/: metrics.json model.pt per_class_accuracy.png label_distributions.png")
+
+    ssd, store_root, labelset_id = cfgs[-1], out_root / "store", "demo-ssd-t2"
+    try:
+        LabelsetReader(store_root, labelset_id)
+    except (StoreError, FileNotFoundError):
+        init_ray(address)
+        generate_labelset(ssd.out_dir / "teacher.pt", ssd, store_root, labelset_id)
+    typer.echo(f"wrote {store_root / labelset_id}/: the SSD teacher's soft labels (T={ssd.stage3.temperature})")
+    image = out_root / "example.png"
+    _save_test_image(load_dataset(ssd.data), image)
+    if not serve_after:
+        return
+    os.environ.update(LTD_STORE_ROOT=str(store_root), LTD_RUNS_ROOT=str(out_root))
+    from service.settings import Settings
+
+    base = f"http://127.0.0.1:{port}"
+    typer.echo(f"\nserving at {base} (docs: {base}/docs); Ctrl-C stops. Try:")
+    for line in example_requests(base, Settings(), labelset_id=labelset_id, model_id="ssd", image=image):
+        typer.echo("  " + line)
+    import uvicorn
+
+    uvicorn.run("service.app:create_app", factory=True, host="127.0.0.1", port=port, log_level="warning")
+
+
+def _save_test_image(data, path: Path) -> None:
+    """A real test image as PNG, so the printed predict request works as printed."""
+    from PIL import Image
+
+    pixels = data.test.images[0].permute(1, 2, 0).numpy()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
 
 
 if __name__ == "__main__":

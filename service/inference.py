@@ -37,9 +37,10 @@ class ModelRegistry:
     SSD teacher saved beside the student. Ids are checked segment by segment, so no id reaches outside the root.
     """
 
-    def __init__(self, runs_root: Path, device: str = "auto", cache_size: int = 4):
+    def __init__(self, runs_root: Path, device: str = "auto", cache_size: int = 4, threads: int = 1):
         self.root = Path(runs_root)
         self.device = device
+        self.threads = threads
         self._spec = functools.lru_cache(maxsize=1024)(self._read_spec)
         self._model = functools.lru_cache(maxsize=cache_size)(self._load_model)
 
@@ -78,8 +79,9 @@ class ModelRegistry:
 
     def entry(self, model_id: str, path: Path | None = None) -> ModelEntry:
         """The listing entry of one model (spec read from the file header, weights not loaded)."""
-        path = path or self.resolve(model_id)
-        if not all(SEGMENT.fullmatch(p) for p in model_id.split("/")):
+        if path is None:
+            path = self.resolve(model_id)
+        elif not all(SEGMENT.fullmatch(p) for p in model_id.split("/")):  # a folder found by list()
             raise InvalidIdError(f"model folder {model_id!r} is not a valid id")
         stat = path.stat()
         return ModelEntry(model_id, path, self._spec(str(path), stat.st_mtime_ns), stat.st_size, stat.st_mtime)
@@ -98,9 +100,12 @@ class ModelRegistry:
         return ModelSpec(**torch.load(path, map_location="cpu", weights_only=True, mmap=True)["spec"])
 
     def _load_model(self, path: str, mtime_ns: int):
+        import torch
+
         from trainer.export import load_model
         from trainer.stages import resolve_device
 
+        torch.set_num_threads(self.threads)  # process-wide; set here so a service that never predicts skips torch
         device = resolve_device(self.device)
         model, spec = load_model(Path(path), map_location=device)
         return model.to(device), spec
@@ -140,8 +145,8 @@ def to_model_input(image, spec):
     return tensor
 
 
-def classify(model, spec, images, k: int):
-    """Top-k (probabilities, class ids), each (N, k), of uint8 images (N, C, S, S), in forward passes on the device.
+def classify(model, spec, images: list, k: int):
+    """Top-k (probabilities, class ids), each (N, k), of N uint8 (C, S, S) images, in forward passes on the device.
 
     Normalised exactly as in training (trainer.augment: to_float then per-channel mean/std).
     """
@@ -150,11 +155,12 @@ def classify(model, spec, images, k: int):
     from trainer.augment import normalize, to_float
 
     device = next(model.parameters()).device
+    batch = torch.stack(images)
     k = min(k, spec.num_classes)
     values, indices = [], []
     with torch.inference_mode():
-        for start in range(0, len(images), FORWARD_BATCH):
-            x = normalize(to_float(images[start:start + FORWARD_BATCH].to(device)), spec.mean, spec.std)
+        for start in range(0, len(batch), FORWARD_BATCH):
+            x = normalize(to_float(batch[start:start + FORWARD_BATCH].to(device)), spec.mean, spec.std)
             top = torch.softmax(model(x).float(), dim=1).topk(k, dim=1)
             values.append(top.values.cpu())
             indices.append(top.indices.cpu())

@@ -103,8 +103,8 @@ class JobStore:
         where = f"WHERE {where}" if where else ""
         args = {"state": state, "kind": kind, "limit": limit, "offset": offset}
         with self._connect() as db:
-            rows = db.execute(f"SELECT * FROM jobs {where} ORDER BY created DESC, id LIMIT :limit OFFSET :offset",
-                              args).fetchall()
+            rows = db.execute(f"SELECT * FROM jobs {where} ORDER BY created DESC, rowid DESC "
+                              "LIMIT :limit OFFSET :offset", args).fetchall()
             total = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
         return [JobRecord.from_row(r) for r in rows], total
 

@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from service.jobs import JobRecord, JobStore
+from service.jobs import ACTIVE, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,18 @@ def read_progress(run_dir: Path) -> dict | None:
         return None
 
 
+def job_progress(job: JobRecord, store_root: Path) -> dict | None:
+    """What the worker last reported; an active labels job also counts its finished chunks in the store."""
+    progress = read_progress(Path(job.payload["run_dir"]))
+    if job.kind == "labels" and job.state in ACTIVE:
+        from store import list_staging
+
+        for staged in list_staging(store_root):
+            if staged.labelset_id == job.payload["labelset_id"]:
+                progress = {**(progress or {}), "chunks_done": staged.chunks_done, "num_chunks": staged.num_chunks}
+    return progress
+
+
 # ---- in the service ------------------------------------------------------------------------------------------------
 
 
@@ -166,6 +178,7 @@ class JobRunner:
         self.ray_address = ray_address
         self.poll_s = poll_s
         self._refs: dict = {}  # ObjectRef -> (job id, attempt, run folder)
+        self._started: set = set()  # refs already recorded as running
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ltd-job-runner", daemon=True)
@@ -222,12 +235,12 @@ class JobRunner:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        import ray
+
         with self._lock:
             live, self._refs = dict(self._refs), {}
         for ref, (job_id, _, _) in live.items():
-            with contextlib.suppress(Exception):
-                import ray
-
+            with contextlib.suppress(Exception):  # Ray may already be gone; the record matters more
                 ray.cancel(ref, force=True)
             self.store.finish(job_id, "failed", error="the service shut down while this job ran; "
                                                       f"POST /v1/jobs/{job_id}:retry resumes it")
@@ -252,12 +265,14 @@ class JobRunner:
         for ref in waiting:
             job_id, attempt, run_dir = live[ref]
             progress = read_progress(run_dir)
-            if progress and progress.get("attempt") == attempt:
+            if ref not in self._started and progress and progress.get("attempt") == attempt:
+                self._started.add(ref)
                 self.store.mark_running(job_id, started=progress.get("started"))
         for ref in ready:
             job_id, attempt, run_dir = live[ref]
             with self._lock:
                 self._refs.pop(ref, None)
+            self._started.discard(ref)
             self._settle(ref, job_id, run_dir)
 
     def _settle(self, ref, job_id: str, run_dir: Path) -> None:

@@ -15,7 +15,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LTD_", env_file=".env", extra="ignore", frozen=True)
 
     store_root: Path = Field(Path("store"), description="Label store root: labelsets are folders under it")
-    runs_root: Path = Field(Path("runs"), description="Run folders: jobs write runs_root/<job_id>/, models are read here")
+    runs_root: Path = Field(Path("runs"), description="Run folders: jobs write runs_root/<job_id>/, models are read "
+                                                      "from here")
     data_root: Path | None = Field(
         None, description="Only dataset paths under this folder may appear in job configs (None: no paths at all)"
     )
@@ -31,6 +32,9 @@ class Settings(BaseSettings):
     reader_cache_mib: float = Field(256, gt=0, description="Decoded-chunk cache per labelset reader, MiB")
     model_cache_size: int = Field(4, ge=1, description="Loaded models kept in memory (LRU by file and mtime)")
     device: str = Field("auto", description="Inference device: 'auto' picks CUDA when present, else CPU")
+    inference_threads: int = Field(
+        1, ge=1, description="torch intra-op threads on CPU: requests already run in parallel threads, and more "
+                             "threads per forward oversubscribe the cores (measured: 50x slower on a busy 2-core host)")
 
     @property
     def jobs_db(self) -> Path:

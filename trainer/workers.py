@@ -23,11 +23,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def task_resources(parallel: int = 1) -> dict:
-    """One GPU per task when the cluster has GPUs; else the CPUs shared out between `parallel` tasks."""
+    """One GPU per task when the cluster has GPUs; else the CPUs shared out between `parallel` tasks.
+
+    A task must fit on one node, so the CPU share is capped at the largest node's CPUs.
+    """
     resources = ray.cluster_resources()
+    largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
     if resources.get("GPU", 0) >= 1:
-        return {"num_gpus": 1, "num_cpus": max(1, int(resources.get("CPU", 1) // max(resources["GPU"], 1)))}
-    return {"num_gpus": 0, "num_cpus": max(1, int(resources.get("CPU", 1)) // max(parallel, 1))}
+        per_gpu = resources.get("CPU", 1) // max(resources["GPU"], 1)
+        return {"num_gpus": 1, "num_cpus": max(1, int(min(per_gpu, largest_node)))}
+    share = int(resources.get("CPU", 1)) // max(parallel, 1)
+    return {"num_gpus": 0, "num_cpus": max(1, int(min(share, largest_node)))}
 
 
 def _run_pipeline_task(cfg_dict: dict) -> dict:
