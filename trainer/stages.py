@@ -17,7 +17,7 @@ from trainer.batches import make_batches
 from trainer.classifiers import LWSClassifier, NCMClassifier, TauNormClassifier, ncm_centroids, search_tau
 from trainer.config import RunConfig, dump_config
 from trainer.datasets import LongTailData, load_dataset
-from trainer.engine import fit, predict
+from trainer.engine import LossFn, fit, predict
 from trainer.losses import build_loss, kd_loss
 from trainer.metrics import summarize
 from trainer.models import Classifier, TwoHeadStudent, build_backbone, build_classifier
@@ -80,8 +80,11 @@ def prepare(cfg: RunConfig, data: LongTailData | None = None) -> RunContext:
     return RunContext(cfg, data or load_dataset(cfg.data), resolve_device(cfg.device), out_dir)
 
 
-def train_stage1(ctx: RunContext) -> Classifier:
-    """Stage I (or a joint baseline): backbone + linear head with the configured loss; MoCo added for SSD."""
+def stage1_objective(ctx: RunContext) -> tuple[nn.ModuleDict, LossFn]:
+    """Stage I's trainable parts ({"model"}, plus {"moco"} for SSD) on the device, and its loss.
+
+    Apart from train_stage1 so the throughput benchmark times exactly this step.
+    """
     cfg, data = ctx.cfg.stage1, ctx.data
     torch.manual_seed(ctx.cfg.seed)
     model = build_classifier(ctx.cfg.model.arch, data.in_channels, data.num_classes, cosine_head=cfg.loss.name == "ldam")
@@ -103,8 +106,16 @@ def train_stage1(ctx: RunContext) -> Classifier:
         contrastive = parts["moco"](features, batch.key_images, batch.labels)
         return ce + cfg.moco.weight * contrastive, {"ce": ce.detach(), "moco": contrastive.detach()}
 
+    return parts, loss_fn
+
+
+def train_stage1(ctx: RunContext) -> Classifier:
+    """Stage I (or a joint baseline): backbone + linear head with the configured loss; MoCo added for SSD."""
+    cfg, data = ctx.cfg.stage1, ctx.data
+    parts, loss_fn = stage1_objective(ctx)
+    model = parts["model"]
     batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
-                          key_view=use_moco)
+                          key_view="moco" in parts)
     fit(stage="I", model=parts, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(1),
         checkpoint=ctx.out_dir / "stage1" / "checkpoint.pt", meta=ctx.meta("I"),
         on_epoch_end=_periodic_eval(ctx, model))
@@ -205,8 +216,6 @@ def distill(ctx: RunContext, source) -> TwoHeadStudent:
     if provenance is not None and provenance.dataset_fingerprint != data.fingerprint:
         raise ValueError(f"labelset {source.labelset_id} was made for dataset {provenance.dataset_fingerprint}, but "
                          f"this config's data is {data.fingerprint}: use the data config the teacher was run on")
-    torch.manual_seed(ctx.cfg.seed + 3)
-    student = TwoHeadStudent(build_backbone(ctx.cfg.model.arch, data.in_channels), data.num_classes).to(ctx.device)
     view_records = None
     if isinstance(source, OnlineTargets):
         targets = source
@@ -215,6 +224,20 @@ def distill(ctx: RunContext, source) -> TwoHeadStudent:
         view_records = torch.as_tensor(source.view_params(np.arange(len(data.train))))
     else:
         targets = TableTargets(source, len(data.train), ctx.device)
+    student, loss_fn = distill_objective(ctx, targets)
+    batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
+                          view_records=view_records)
+    fit(stage="III", model=student, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(3),
+        checkpoint=ctx.out_dir / "stage3" / "checkpoint.pt", meta=ctx.meta("III"),
+        on_epoch_end=_periodic_eval(ctx, student, lambda x: student(x)[1]))
+    return student
+
+
+def distill_objective(ctx: RunContext, targets) -> tuple[TwoHeadStudent, LossFn]:
+    """Stage III's fresh two-head student on the device and its loss, given `targets(batch)` -> soft-label rows."""
+    cfg, data = ctx.cfg.stage3, ctx.data
+    torch.manual_seed(ctx.cfg.seed + 3)
+    student = TwoHeadStudent(build_backbone(ctx.cfg.model.arch, data.in_channels), data.num_classes).to(ctx.device)
 
     def loss_fn(batch, progress):
         hard_logits, soft_logits = student(batch.images)
@@ -222,12 +245,7 @@ def distill(ctx: RunContext, source) -> TwoHeadStudent:
         soft = kd_loss(soft_logits, targets(batch), cfg.temperature)
         return cfg.hard_weight * hard + cfg.soft_weight * soft, {"hard": hard.detach(), "kd": soft.detach()}
 
-    batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
-                          view_records=view_records)
-    fit(stage="III", model=student, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(3),
-        checkpoint=ctx.out_dir / "stage3" / "checkpoint.pt", meta=ctx.meta("III"),
-        on_epoch_end=_periodic_eval(ctx, student, lambda x: student(x)[1]))
-    return student
+    return student, loss_fn
 
 
 def rebalance_soft_head(ctx: RunContext, student: TwoHeadStudent) -> TwoHeadStudent:

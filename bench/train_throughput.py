@@ -1,0 +1,251 @@
+"""Training throughput (images/s) of SSD stages I and III: our on-device batches vs a plain DataLoader loop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.transforms import v2
+
+from trainer.batches import Batch, DeviceBatches
+from trainer.config import AugmentConfig, DataConfig, OptimConfig, RunConfig, Stage3Config
+from trainer.datasets import LongTailData, load_dataset
+from trainer.engine import LossFn, fit
+from trainer.stages import RunContext, distill_objective, stage1_objective
+from trainer.report import device_tag, write_results
+from trainer.soft_targets import InMemorySoftLabels, TableTargets
+
+log = logging.getLogger("bench.train_throughput")
+
+ARCH = "resnet32"
+IMBALANCE_FACTOR = 100
+
+
+def load_data() -> LongTailData:
+    """CIFAR-10-LT (IF 100) from our npz copy; the procedural images when the npz is not on this machine."""
+    try:
+        return load_dataset(DataConfig(name="cifar10_npz", imbalance_factor=IMBALANCE_FACTOR))
+    except FileNotFoundError as err:
+        log.warning("CIFAR-10 npz not found (%s); falling back to synthetic images", err)
+        return load_dataset(DataConfig(name="synthetic", imbalance_factor=IMBALANCE_FACTOR))
+
+
+def context(data: LongTailData, device: torch.device) -> RunContext:
+    """An SSD run context with the paper's ResNet-32 (stage objectives read model, MoCo and KD settings from it)."""
+    cfg = RunConfig(method="ssd", model={"arch": ARCH}, out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
+    return RunContext(cfg, data, device, cfg.out_dir)
+
+
+def soft_label_source(data: LongTailData) -> InMemorySoftLabels:
+    """A teacher-logit table for stage III (values do not matter for throughput; the lookup does)."""
+    logits = 3.0 * torch.randn(len(data.train), data.num_classes, generator=torch.Generator().manual_seed(0))
+    return InMemorySoftLabels(logits, Stage3Config().temperature)
+
+
+# --- Batch sources: ours (DeviceBatches) and the plain per-image PIL + torchvision transforms + DataLoader recipe.
+
+def device_stream(data: LongTailData, device: torch.device, batch_size: int, key_view: bool) -> Iterator[Batch]:
+    """Endless batches from DeviceBatches (the path make_batches takes for CIFAR), epoch after epoch."""
+    batches = DeviceBatches(data.train, data.mean, data.std, device, batch_size, AugmentConfig(), key_view=key_view)
+    generator = torch.Generator().manual_seed(1)
+    while True:
+        yield from batches.epoch(0.0, generator)
+
+
+def plain_transforms(size: int, mean, std, key_view: bool, flavour: str):
+    """RandomCrop(pad 4) + flip (query) and the MoCo-v2 key view, per PIL image, in torchvision v1 or v2.
+
+    v1 (ToTensor) is the default baseline: it is what CIFAR-LT code (LDAM-DRW, SSD) writes, and on 32-px PIL images
+    it is the faster of the two here (about 60 vs 100 µs per query image), so it is the stronger baseline.
+    """
+    t = T if flavour == "v1" else v2
+    tail = [T.ToTensor()] if flavour == "v1" else [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    tail.append(t.Normalize(mean, std))
+    query = t.Compose([t.RandomCrop(size, padding=4), t.RandomHorizontalFlip(), *tail])
+    if not key_view:
+        return query, None
+    key = t.Compose([
+        t.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        t.RandomApply([t.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        t.RandomGrayscale(p=0.2),
+        t.RandomHorizontalFlip(),
+        *tail,
+    ])
+    return query, key
+
+
+class PlainCifar(Dataset):
+    """The usual CIFAR dataset (as torchvision.datasets.CIFAR10): HWC uint8 rows -> PIL image -> transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform, key_transform=None):
+        self.data = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
+        self.labels = labels.tolist()
+        self.transform, self.key_transform = transform, key_transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = Image.fromarray(self.data[i])
+        key = self.key_transform(image) if self.key_transform is not None else torch.empty(0)
+        return i, self.labels[i], self.transform(image), key
+
+
+@dataclass
+class LoaderBatch(Batch):
+    """A baseline batch: Batch plus the soft-label rows the plain loop moves alongside the images."""
+
+    soft: torch.Tensor | None = None  # stage III: soft-label rows looked up on the CPU, moved with the batch
+
+
+def loader_stream(data: LongTailData, device: torch.device, batch_size: int, workers: int, key_view: bool,
+                  flavour: str, soft_table: torch.Tensor | None) -> Iterator[Batch]:
+    """Endless batches of the plain loop: DataLoader(shuffle, workers, pin_memory on CUDA), then .to(device)."""
+    query, key = plain_transforms(data.train.images.shape[-1], data.mean, data.std, key_view, flavour)
+    dataset = PlainCifar(data.train.images, data.train.labels, query, key)
+    cuda = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=cuda,
+                        generator=torch.Generator().manual_seed(1))
+    while True:  # one pass per epoch, workers restarting each time, as `for epoch ...: for batch in loader` does
+        for ids, labels, images, keys in loader:
+            yield LoaderBatch(
+                ids=ids.to(device), labels=labels.to(device, non_blocking=cuda),
+                images=images.to(device, non_blocking=cuda),
+                key_images=keys.to(device, non_blocking=cuda) if keys.numel() else None,
+                soft=soft_table[ids].to(device, non_blocking=cuda) if soft_table is not None else None,
+            )
+
+
+# --- Timing through the real loop.
+
+class Window:
+    """A batch source for engine.fit: its epoch 0 takes `warmup` batches from the stream, epoch 1 the `steps` timed.
+
+    fit times each epoch itself (img_s in its history); synchronising CUDA at the end of the generator puts the last
+    step's kernels inside that timed span.
+    """
+
+    def __init__(self, stream: Iterator[Batch], warmup: int, steps: int, device: torch.device):
+        self.stream, self.warmup, self.steps, self.device = stream, warmup, steps, device
+        self.calls = 0
+
+    def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        count = self.warmup if self.calls == 0 else self.steps
+        self.calls += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for _ in range(count):
+            yield next(self.stream)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def measure(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
+            device: torch.device) -> float:
+    """Images/s over `steps` training steps after `warmup` untimed ones, through engine.fit (SGD, zero_grad, step)."""
+    optim = OptimConfig(epochs=2, warmup_epochs=0, batch_size=1)  # lr schedule and batch_size do not affect timing
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            history = fit(stage=stage, model=parts, loss_fn=loss_fn, batches=Window(stream, warmup, steps, device),
+                          optim=optim, generator=torch.Generator().manual_seed(0),
+                          checkpoint=Path(tmp) / "checkpoint.pt", meta={})
+    finally:
+        stream.close()  # stops the DataLoader's workers
+    return history[1]["img_s"]
+
+
+def bench_stage(stage: str, data: LongTailData, device: torch.device, args, workers: int) -> dict:
+    """One row: the best images/s of ours and of the baseline over `rounds` alternating measurements.
+
+    Best, not mean, as timeit does: on a shared machine other work only ever slows a run down (on 2 busy cores a
+    2-thread OpenMP step can stall many times over), so the fastest run is the closest to what the code costs.
+    """
+    ours, base = [], []
+    source = soft_label_source(data) if stage == "III" else None
+    for _ in range(args.rounds):
+        for side in ("ours", "baseline"):
+            ctx = context(data, device)
+            if stage == "I":
+                parts, loss_fn = stage1_objective(ctx)
+            elif side == "ours":
+                parts, loss_fn = distill_objective(ctx, TableTargets(source, len(data.train), device))
+            else:
+                parts, loss_fn = distill_objective(ctx, lambda b: b.soft)
+            if side == "ours":
+                stream = device_stream(data, device, args.batch_size, key_view=stage == "I")
+            else:
+                soft_cpu = TableTargets(source, len(data.train), torch.device("cpu")).table if source else None
+                stream = loader_stream(data, device, args.batch_size, workers, stage == "I", args.baseline_transforms,
+                                       soft_cpu)
+            img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device)
+            (ours if side == "ours" else base).append(img_s)
+            log.info("stage %s %-8s %8.1f img/s", stage, side, img_s)
+    ours_img_s, base_img_s = max(ours), max(base)
+    return {
+        "stage": stage, "ours_img_s": round(ours_img_s, 1), "baseline_img_s": round(base_img_s, 1),
+        "ratio": round(ours_img_s / base_img_s, 3), "device": device.type, "batch_size": args.batch_size,
+        "steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
+        "dataset": "cifar10_lt" if data.name == "cifar10_npz" else f"{data.name}_lt",
+        "imbalance_factor": IMBALANCE_FACTOR, "num_train": len(data.train), "baseline_workers": workers,
+        "baseline_transforms": args.baseline_transforms,
+        "ours_runs": [round(x, 1) for x in ours], "baseline_runs": [round(x, 1) for x in base],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--steps", type=int, default=None, help="Timed steps per measurement (default 20 CPU, 200 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 3 CPU, 20 GPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating ours/baseline measurements; best kept")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=None, help="Baseline DataLoader workers (min(4, cpu_count))")
+    parser.add_argument("--baseline-transforms", choices=("v1", "v2"), default="v1",
+                        help="torchvision transforms API of the baseline (v1 is the faster on PIL images)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, one per core); 1 is steadier on a busy machine")
+    parser.add_argument("--stages", default="I,III", help="Comma-separated stages to run")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    gpu = args.device != "cpu" and torch.cuda.is_available()
+    args.steps = args.steps or (200 if gpu else 20)
+    args.warmup = args.warmup if args.warmup is not None else (20 if gpu else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cpu" and device_tag() != "cpu":
+        log.warning("timing on the CPU of a GPU machine: the result file is still named after the GPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+    data = load_data()
+    log.info("%s-LT: %d training images, %s on %s, %d torch threads, %d baseline workers",
+             data.name, len(data.train), ARCH, device, torch.get_num_threads(), workers)
+    rows = [bench_stage(stage, data, device, args, workers) for stage in args.stages.split(",")]
+    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
+    path = write_results("train_throughput", rows, command=command, out_dir=args.out,
+                         extra={"arch": ARCH, "torch_threads": torch.get_num_threads()})
+    summary = ", ".join(f"stage {r['stage']} {r['ours_img_s']:.0f} vs {r['baseline_img_s']:.0f} img/s "
+                        f"(x{r['ratio']:.2f})" for r in rows)
+    log.info("%s -> %s", summary, path)
+
+
+if __name__ == "__main__":
+    main()
