@@ -39,6 +39,8 @@ ERRORS: dict[type[Exception], int] = {
     errors.UnauthorizedError: 401,
     errors.InvalidIdError: 422,
     errors.ModelNotFoundError: 404,
+    errors.ModelExistsError: 409,
+    errors.ModelFileError: 400,
     errors.JobNotFoundError: 404,
     errors.JobStateError: 409,
     errors.PayloadTooLargeError: 413,

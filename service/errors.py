@@ -23,6 +23,14 @@ class JobNotFoundError(ServiceError, LookupError):
     """No job record with this id (404)."""
 
 
+class ModelExistsError(ServiceError, FileExistsError):
+    """An upload to a model id that already names a model (409): models are never overwritten."""
+
+
+class ModelFileError(ServiceError, ValueError):
+    """An uploaded file that is not a model file this service can load (400)."""
+
+
 class JobStateError(ServiceError, RuntimeError):
     """The job is in a state that does not allow this action, e.g. cancelling a finished job (409)."""
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import ImageDecodeError, InvalidIdError, ModelNotFoundError, PayloadTooLargeError
+from service.errors import (ImageDecodeError, InvalidIdError, ModelExistsError, ModelFileError, ModelNotFoundError,
+                            PayloadTooLargeError)
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,19 @@ class ModelRegistry:
         self.threads = threads
         self._spec = functools.lru_cache(maxsize=1024)(self._read_spec)
         self._model = functools.lru_cache(maxsize=cache_size)(self._load_model)
+        self._add_lock = threading.Lock()
+
+    @staticmethod
+    def _parts(model_id: str, depth: int = MAX_DEPTH + 1) -> list[str]:
+        parts = model_id.split("/")
+        if len(parts) > depth or not all(SEGMENT.fullmatch(p) for p in parts):
+            raise InvalidIdError(f"invalid model id {model_id!r}: use run folder names (letters, digits, . _ -) "
+                                 f"joined by '/', at most {MAX_DEPTH} deep, optionally ending in '/teacher'")
+        return parts
 
     def resolve(self, model_id: str) -> Path:
         """The model file of an id, or InvalidIdError (not a safe id) / ModelNotFoundError (no such file)."""
-        parts = model_id.split("/")
-        if len(parts) > MAX_DEPTH + 1 or not all(SEGMENT.fullmatch(p) for p in parts):
-            raise InvalidIdError(f"invalid model id {model_id!r}: use run folder names (letters, digits, . _ -) "
-                                 f"joined by '/', at most {MAX_DEPTH} deep, optionally ending in '/teacher'")
+        parts = self._parts(model_id)
         root = self.root.resolve()
         candidates = [root.joinpath(*parts, "model.pt")]
         if parts[-1] == "teacher" and len(parts) > 1:
@@ -59,6 +68,31 @@ class ModelRegistry:
             if path.is_file() and path.resolve().is_relative_to(root):
                 return path
         raise ModelNotFoundError(f"no model {model_id!r} under the runs root")
+
+    def add(self, model_id: str, data: bytes) -> ModelEntry:
+        """Publish an uploaded model file as runs_root/<id>/model.pt, only after it loads (weights_only) and runs.
+
+        Never overwrites: an id that already names a model is a ModelExistsError. The file is checked in a
+        temporary name beside its target and renamed into place, so a reader never sees a half-written model.
+        """
+        parts = self._parts(model_id, depth=MAX_DEPTH)
+        if parts[-1] == "teacher":
+            raise InvalidIdError("model ids may not end in 'teacher': that names the teacher beside a student")
+        root = self.root.resolve()
+        folder = root.joinpath(*parts)
+        target = folder / "model.pt"
+        with self._add_lock:
+            if target.exists():
+                raise ModelExistsError(f"model {model_id!r} already exists; upload under a new id")
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".upload-{os.getpid()}-{threading.get_ident()}.pt"
+            try:
+                tmp.write_bytes(data)
+                _check_model_file(tmp)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return self.entry(model_id)
 
     def list(self) -> list[ModelEntry]:
         """Every readable model file under the root, sorted by id (unreadable files are logged and skipped)."""
@@ -109,6 +143,24 @@ class ModelRegistry:
         device = resolve_device(self.device)
         model, spec = load_model(Path(path), map_location=device)
         return model.to(device), spec
+
+
+def _check_model_file(path: Path) -> None:
+    """ModelFileError unless `path` is a model file trainer.export can rebuild and run on one dummy input."""
+    import torch
+
+    from trainer.export import load_model
+
+    try:
+        model, spec = load_model(path)
+        with torch.no_grad():
+            out = model(torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size))
+        if tuple(out.shape) != (1, spec.num_classes) or len(spec.class_names) != spec.num_classes:
+            raise ValueError(f"it outputs {tuple(out.shape)} for {spec.num_classes} classes "
+                             f"and names {len(spec.class_names)}")
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, the upload is refused
+        raise ModelFileError(f"not a loadable model file ({type(err).__name__}: {str(err)[:300]}); upload a "
+                             "model.pt written by `ltd train` (trainer.export.save_model)") from err
 
 
 def decode_image(data: bytes, filename: str, max_pixels: int):

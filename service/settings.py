@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     read_key_required: bool = Field(False, description="Also require the key on read endpoints")
     ray_address: str | None = Field(None, description="Ray cluster address (None: RAY_ADDRESS, else a local Ray)")
     max_batch_ids: int = Field(10_000, ge=1, description="Most image ids one labels:batch request may ask for")
-    max_upload_bytes: int = Field(16 * 2**20, ge=1024, description="Largest request body (predict uploads), bytes")
+    max_upload_bytes: int = Field(16 * 2**20, ge=1024, description="Largest request body (predict and model uploads), bytes")
     max_upload_files: int = Field(256, ge=1, description="Most images one predict request may carry")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest decoded image (width x height) accepted")
     reader_cache_size: int = Field(16, ge=1, description="Labelset readers kept open (each caches decoded chunks)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -10,6 +11,7 @@ from fastapi.responses import PlainTextResponse
 
 from service.deps import JobId, JobsDep, MetricsDep, ModelsDep, ReadKey, RunnerDep, SettingsDep, WriteKey
 from service.errors import JobStateError
+from store.errors import LabelsetExistsError
 from service.jobs import ACTIVE, JobRecord, new_job_id
 from service.planning import plan_job
 from service.runner import LOG_FILE, job_progress
@@ -32,6 +34,19 @@ def _public(job: JobRecord, settings: Settings) -> JobPublic:
                      metrics=result.get("metrics"), outputs=result.get("outputs"), request=job.request)
 
 
+_submit_lock = threading.Lock()
+
+
+def _refuse_second_writer(jobs, labelset_id: str) -> None:
+    """409 while another queued or running labels job writes this labelset id (they would share its staging)."""
+    for state in ACTIVE:
+        records, _ = jobs.list(state=state, kind="labels", limit=10_000)
+        for other in records:
+            if other.payload.get("labelset_id") == labelset_id:
+                raise LabelsetExistsError(f"job {other.id} is already writing labelset {labelset_id!r}; wait for "
+                                          "it, cancel it, or pick a new id")
+
+
 @router.post("", summary="Submit a job", status_code=201, dependencies=[WriteKey],
              responses=error_responses(409, 413))
 def submit_job(body: Annotated[JobIn, Body()], jobs: JobsDep, runner: RunnerDep, models: ModelsDep,
@@ -39,7 +54,10 @@ def submit_job(body: Annotated[JobIn, Body()], jobs: JobsDep, runner: RunnerDep,
     """Queue a train, labels or distill job on the Ray cluster; poll GET /v1/jobs/{id} for its state."""
     job_id = new_job_id()
     payload = plan_job(body, job_id, settings, models)
-    job = jobs.create(job_id, body.kind, body.model_dump(mode="json", exclude_none=True), payload)
+    with _submit_lock:  # the check and the insert as one step: two requests cannot both pass the check
+        if body.kind == "labels":
+            _refuse_second_writer(jobs, body.labelset_id)
+        job = jobs.create(job_id, body.kind, body.model_dump(mode="json", exclude_none=True), payload)
     runner.submit(job)
     metrics.jobs_submitted.labels(body.kind).inc()
     return _public(jobs.get(job_id), settings)

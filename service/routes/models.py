@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 
-from service.deps import MetricsDep, ModelId, ModelsDep, ReadKey, SettingsDep
+from service.deps import MetricsDep, ModelId, ModelsDep, ReadKey, SettingsDep, WriteKey
 from service.errors import PayloadTooLargeError
 from service.inference import ModelEntry, classify, decode_image, to_model_input
 from service.schemas import ClassProb, ModelPublic, ModelsPublic, Prediction, PredictOut, error_responses
@@ -36,6 +36,17 @@ def list_models(models: ModelsDep) -> ModelsPublic:
 def describe_model(model_id: ModelId, models: ModelsDep) -> ModelPublic:
     """One model: role, architecture, classes, input size and metrics."""
     return _public(models.entry(model_id))
+
+
+@router.put("/{model_id:path}", summary="Upload a model", status_code=201, dependencies=[WriteKey],
+            responses=error_responses(409, 413))
+def upload_model(model_id: ModelId, file: Annotated[UploadFile, File(description="A model.pt from `ltd train`")],
+                 models: ModelsDep) -> ModelPublic:
+    """Add a classifier trained elsewhere: the file must load (weights only) and run, and the id must be new.
+
+    The body is capped by LTD_MAX_UPLOAD_BYTES (413 beyond it): raise it to accept ResNet-50-sized files.
+    """
+    return _public(models.add(model_id, file.file.read()))
 
 
 @router.post("/{model_id:path}:predict", summary="Classify images", responses=error_responses(413))

@@ -71,6 +71,9 @@ def test_train_labels_distill_then_serve_labels_and_predictions(flow, poll_job):
 
     labels_id = submit(client, {"kind": "labels", "teacher": f"{train_id}/teacher", "labelset_id": "flow-t3",
                                 "temperature": 3.0})
+    second = client.post("/v1/jobs", json={"kind": "labels", "teacher": f"{train_id}/teacher",
+                                           "labelset_id": "flow-t3"})  # queued, running or published: never twice
+    assert (second.status_code, second.json()["type"]) == (409, "labelset_exists"), second.text
     labels = poll_job(client, labels_id)
     assert labels["state"] == "succeeded", labels
     described = client.get("/v1/labelsets/flow-t3").json()

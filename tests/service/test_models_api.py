@@ -103,3 +103,34 @@ def test_damaged_images_are_a_400_never_a_5xx(api, fmt, cut, flips):
         assert abs(sum(c["prob"] for c in body["data"][0]["top_k"]) - 1) < 1e-4
     else:
         assert body["type"] == "image_decode" and "x.img" in body["detail"]
+
+
+def test_upload_publishes_a_model_that_predicts_and_refuses_bad_files(tmp_path, api_roots, live_server, api_key):
+    """PUT /v1/models/{id}: keyed, checked by loading and running it, never overwriting, nothing left on refusal."""
+    import httpx
+
+    from service.app import create_app
+    from tests.service.conftest import api_settings, write_model
+
+    roots = {**api_roots, "runs": tmp_path / "runs"}
+    write_model(tmp_path / "made" / "model.pt")
+    good = (tmp_path / "made" / "model.pt").read_bytes()
+    png = encode(pixels((16, 16, 3), 0))
+    keyed = {"X-API-Key": api_key}
+    with live_server(create_app(api_settings(roots, max_upload_bytes=2**20))) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.put("/v1/models/imported/r1", files={"file": ("m.pt", good)}).status_code == 401
+        made = client.put("/v1/models/imported/r1", files={"file": ("m.pt", good)}, headers=keyed)
+        assert made.status_code == 201 and made.json()["id"] == "imported/r1" and made.json()["num_classes"] == 5
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["imported/r1"]
+        assert client.post("/v1/models/imported/r1:predict", files=[("files", ("a.png", png))]).status_code == 200
+        again = client.put("/v1/models/imported/r1", files={"file": ("m.pt", good)}, headers=keyed)
+        assert (again.status_code, again.json()["type"]) == (409, "model_exists")
+        for body, status, kind in [(b"not a torch file", 400, "model_file"), (good[: len(good) // 2], 400, "model_file"),
+                                   (good + b"\0" * 2**20, 413, "payload_too_large")]:
+            bad = client.put("/v1/models/imported/r2", files={"file": ("m.pt", body)}, headers=keyed)
+            assert (bad.status_code, bad.json()["type"]) == (status, kind), bad.text
+        for unsafe in ("..%2Fescape", "run1/teacher", "a/b/c/d"):
+            assert client.put(f"/v1/models/{unsafe}", files={"file": ("m.pt", good)},
+                              headers=keyed).status_code == 422, unsafe
+    # refused uploads left no file behind: only the one good model exists
+    assert sorted(p.relative_to(roots["runs"]).as_posix() for p in roots["runs"].rglob("*.pt")) == ["imported/r1/model.pt"]
