@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.config import RunConfig
+from store.catalog import LabelsetSummary
 
 LABELSET_ID = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Labelset id (a folder name)",
                     examples=["fmnist-ssd-t2"])
@@ -56,21 +57,9 @@ class Readiness(BaseModel):
 # ---- labelsets ------------------------------------------------------------------------------------------------------
 
 
-class LabelsetPublic(BaseModel):
-    """One published labelset: what it holds and how it was made."""
+class LabelsetPublic(LabelsetSummary):
+    """One published labelset: what it holds and how it was made (the store's catalog line, as the API shows it)."""
 
-    labelset_id: str
-    dataset_name: str
-    num_images: int
-    num_classes: int
-    temperature: float
-    mode: str
-    views_per_image: int
-    logits_dtype: str
-    top_k: int | None
-    teacher_checkpoint_hash: str
-    created: datetime
-    published: datetime | None
     size_bytes: int | None = None
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
