@@ -187,13 +187,14 @@ def decode_image(data: bytes, filename: str, max_pixels: int):
 
 
 def to_model_input(image, spec):
-    """uint8 (C, S, S): converted to the model's channels, shorter side resized to S, centre-cropped."""
+    """uint8 (C, S, S): the model's channels, shorter side resized to spec.resize (as its eval split was), then
+    centre-cropped to S. An image already S x S is taken as it is (CIFAR-style models see whole images)."""
     from torchvision.transforms.v2 import functional as TF
 
     tensor = TF.pil_to_tensor(image.convert("L" if spec.in_channels == 1 else "RGB"))
     size = spec.image_size
     if tensor.shape[-2:] != (size, size):
-        tensor = TF.center_crop(TF.resize(tensor, [size], antialias=True), [size, size])
+        tensor = TF.center_crop(TF.resize(tensor, [spec.resize or size], antialias=True), [size, size])
     return tensor
 
 

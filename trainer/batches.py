@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from trainer import augment
 from trainer.config import AugmentConfig
 from trainer.datasets import ImageSet
+from trainer.distributed import shard_epoch
 from trainer.samplers import epoch_indices
 
 
@@ -45,6 +46,7 @@ class DeviceBatches:
         key_view: bool = False,
         drop_last: bool = False,
         view_records: torch.Tensor | None = None,
+        shard: tuple[int, int] | None = None,
     ):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -55,6 +57,7 @@ class DeviceBatches:
         self.sampler = sampler
         self.key_view = key_view
         self.drop_last = drop_last
+        self.shard = shard  # (rank, world): data-parallel, this rank's strided part of each global epoch order
         # (N, K, 5) stored view records: when set, each image replays one of its K views instead of a random crop
         self.view_params = None
         if view_records is not None:
@@ -76,6 +79,8 @@ class DeviceBatches:
             order = torch.arange(len(self.labels))
         else:
             order = epoch_indices(self.labels_cpu, self.sampler, progress, generator)
+        if self.shard is not None:
+            order, generator = shard_epoch(order, generator, *self.shard)
         order = order.to(self.images.device)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
@@ -113,11 +118,16 @@ class ListFileImages(Dataset):
         return i, int(self.split.labels[i]), self.transform(image), key
 
 
+def eval_resize(size: int) -> int:
+    """Shorter side an eval image is resized to before its centre crop of `size` (ImageNet's 256 -> 224)."""
+    return int(size * 256 / 224)
+
+
 def list_file_transforms(size: int, mean, std, train: bool) -> tuple[v2.Transform, v2.Transform]:
     """ImageNet-LT recipe of the official code: RRC + jitter + flip (query); MoCo-v2 key view adds blur, grayscale."""
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if not train:
-        return v2.Compose([v2.Resize(int(size * 256 / 224)), v2.CenterCrop(size), *tail]), None
+        return v2.Compose([v2.Resize(eval_resize(size)), v2.CenterCrop(size), *tail]), None
     query = v2.Compose([v2.RandomResizedCrop(size), v2.ColorJitter(0.4, 0.4, 0.4, 0), v2.RandomHorizontalFlip(), *tail])
     key = v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
@@ -133,8 +143,9 @@ def list_file_transforms(size: int, mean, std, train: bool) -> tuple[v2.Transfor
 class LoaderBatches:
     """List-file datasets (ImageNet-LT, iNaturalist): a DataLoader with workers, weighted sampling for re-balancing."""
 
-    def __init__(self, split, mean, std, device, batch_size, size, num_workers, train, sampler="instance", key_view=False):
-        self.split, self.device, self.batch_size, self.sampler = split, device, batch_size, sampler
+    def __init__(self, split, mean, std, device, batch_size, size, num_workers, train, sampler="instance", key_view=False,
+                 shard: tuple[int, int] | None = None):
+        self.split, self.device, self.batch_size, self.sampler, self.shard = split, device, batch_size, sampler, shard
         self.labels_cpu = split.labels
         query, key = list_file_transforms(size, mean, std, train)
         self.dataset = ListFileImages(split, query, key if key_view else None)
@@ -149,6 +160,9 @@ class LoaderBatches:
 
     def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch]:
         order = epoch_indices(self.labels_cpu, self.sampler, progress, generator) if self.train else None
+        if self.shard is not None:
+            whole = order if order is not None else torch.arange(len(self.split))
+            order, _ = shard_epoch(whole, generator if self.train else None, *self.shard)
         loader = DataLoader(self.dataset, self.batch_size, sampler=order.tolist() if order is not None else None,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         for ids, labels, images, key in loader:
@@ -159,15 +173,16 @@ class LoaderBatches:
 
 
 def make_batches(data, split: ImageSet, device, batch_size, *, train: bool, augment_cfg=None, sampler="instance",
-                 key_view=False, image_size=224, num_workers=4, view_records=None):
+                 key_view=False, image_size=224, num_workers=4, view_records=None, shard=None):
     """The right batch source for a split: on-device tensors for in-memory data, a DataLoader for list files."""
     if split.images is not None:
         return DeviceBatches(split, data.mean, data.std, device, batch_size,
                              augment_cfg if train else None, sampler if train else "instance", key_view and train,
-                             view_records=view_records if train else None)
+                             view_records=view_records if train else None, shard=shard)
     if view_records is not None:
         raise ValueError("views-mode soft labels need an in-memory dataset (CIFAR, Fashion-MNIST); use clean or online")
-    return LoaderBatches(split, data.mean, data.std, device, batch_size, image_size, num_workers, train, sampler, key_view)
+    return LoaderBatches(split, data.mean, data.std, device, batch_size, image_size, num_workers, train, sampler, key_view,
+                         shard=shard)
 
 
 def as_numpy_ids(ids: torch.Tensor) -> np.ndarray:

@@ -30,6 +30,7 @@ class ModelSpec:
     method: str
     fingerprint: str
     head_args: dict = field(default_factory=dict)  # tau, ncm metric
+    resize: int | None = None  # eval: shorter side resized to this, then centre crop image_size (None: image_size)
     metrics: dict = field(default_factory=dict)
 
 

@@ -82,7 +82,7 @@ def write_labelset(root, labelset_id: str, logits: np.ndarray, temperature: floa
     return writer.publish() if publish else writer
 
 
-def write_model(path, role: str = "classifier", image_size: int = 16):
+def write_model(path, role: str = "classifier", image_size: int = 16, resize: int | None = None):
     """An untrained ResNet-8 classifier saved as a self-describing model file (trainer.export)."""
     from trainer.export import ModelSpec, save_model
     from trainer.models import Classifier, build_backbone
@@ -91,7 +91,8 @@ def write_model(path, role: str = "classifier", image_size: int = 16):
     model = Classifier(backbone, torch.nn.Linear(backbone.feature_dim, len(CLASSES))).eval()
     spec = ModelSpec(arch="resnet8", in_channels=3, num_classes=len(CLASSES), head="linear", class_names=CLASSES,
                      mean=[0.5, 0.4, 0.3], std=[0.25, 0.2, 0.3], image_size=image_size, role=role, method="ce",
-                     fingerprint="f" * 16, metrics={"overall": 20.0, "many": 30.0, "medium": 10.0, "few": 0.0})
+                     fingerprint="f" * 16, metrics={"overall": 20.0, "many": 30.0, "medium": 10.0, "few": 0.0},
+                     resize=resize)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(path, model, spec)
 

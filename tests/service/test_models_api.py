@@ -134,3 +134,20 @@ def test_upload_publishes_a_model_that_predicts_and_refuses_bad_files(tmp_path, 
                               headers=keyed).status_code == 422, unsafe
     # refused uploads left no file behind: only the one good model exists
     assert sorted(p.relative_to(roots["runs"]).as_posix() for p in roots["runs"].rglob("*.pt")) == ["imported/r1/model.pt"]
+
+
+def test_images_are_resized_as_the_models_eval_split_was(tmp_path):
+    """A list-file model (eval: shorter side to 18, centre crop 16) sees an upload exactly as its test images."""
+    from torchvision.transforms import v2
+
+    from service.inference import decode_image, to_model_input
+    from tests.service.conftest import write_model
+
+    write_model(tmp_path / "model.pt", image_size=16, resize=18)
+    _, spec = load_model(tmp_path / "model.pt")
+    array = pixels((40, 30, 3), 7)
+    served = to_model_input(decode_image(encode(array), "a.png", 10**6), spec)
+    expected = v2.Compose([v2.Resize(18), v2.CenterCrop(16)])(torch.from_numpy(array).permute(2, 0, 1))
+    assert torch.equal(served, expected)
+    plain = to_model_input(decode_image(encode(array), "a.png", 10**6), spec.__class__(**{**vars(spec), "resize": None}))
+    assert not torch.equal(plain, expected)  # without the recorded resize the crop would differ
