@@ -21,7 +21,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TABLES = {  # reproduction tables: config folder, methods, imbalance factors
     "cifar100_lt": ("cifar100_lt", ("ce", "lws", "ssd"), (100, 50, 10)),
     "cifar10_lt": ("cifar10_lt", ("ce", "lws", "ssd"), (100, 50, 10)),
-    "embedded": ("embedded", ("ce", "lws", "ssd", "ssd_views", "ssd_online"), (100,)),
+    "embedded": ("embedded", ("ce", "lws", "ssd", "ssd_views", "ssd_online", "ssd_no_ssl"), (100,)),
+    # the deck's table (issue 6): re-weighting, the multi-expert methods and SSD side by side
+    "cifar10_lt_deck": ("cifar10_lt", ("cb", "ldam_drw", "bbn", "ride", "experts_ta", "ssd"), (100, 50, 10)),
+    "cifar100_lt_deck": ("cifar100_lt", ("cb", "ldam_drw", "bbn", "ride", "experts_ta", "ssd"), (100, 50, 10)),
+    "embedded_experts": ("embedded", ("cb", "ldam_drw", "eql", "bbn", "ride", "lfme", "experts_ta"), (100,)),
 }
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (see configs/)")]
@@ -44,6 +48,9 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
 
 
 def _run(cfgs: list[RunConfig], use_ray: bool, address: str | None) -> list[dict]:
+    if not use_ray and any(cfg.distributed.num_workers > 1 for cfg in cfgs):
+        typer.secho("bad config: distributed.num_workers > 1 trains on Ray Train; drop --no-ray", fg="red", err=True)
+        raise typer.Exit(2)
     if use_ray:
         from trainer.workers import init_ray, run_pipelines
 
@@ -133,8 +140,11 @@ def reproduce(
             group = [r for (m, f, _), r in zip(runs, reports) if (m, f) == (method, factor)]
             cfg = next(c for m, f, c in runs if (m, f) == (method, factor))
             epochs = cfg.stage1.optim.epochs
-            rows.append({"dataset": f"{group[0]['dataset']}_lt", "imbalance_factor": factor, "method": method,
-                         "epochs": epochs, "arch": cfg.model.arch, **aggregate(group)})
+            row = {"dataset": f"{group[0]['dataset']}_lt", "imbalance_factor": factor, "method": method,
+                   "epochs": epochs, "arch": cfg.model.arch, **aggregate(group)}
+            if all("router" in r["stages"] for r in group):  # RIDE: its cost next to its accuracy
+                row["experts_used"] = round(sum(r["stages"]["router"]["experts_used"] for r in group) / len(group), 3)
+            rows.append(row)
     command = "ltd reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     path = write_results("accuracy", rows, command, results_dir, name=f"accuracy_{table}")
     typer.echo(format_table(rows))
@@ -220,8 +230,12 @@ def distill(
     overrides: Overrides = None,
     config: ConfigOpt = None,
     store: StoreOpt = Path("store"),
+    address: AddressOpt = None,
 ):
-    """SSD stages III-IV from a stored labelset: the student streams hard and soft targets from the store."""
+    """SSD stages III-IV from a stored labelset: the student streams hard and soft targets from the store.
+
+    With distributed.num_workers > 1 the student trains on Ray Train, each worker reading its share of the rows.
+    """
     from store import LabelsetReader, StoreError
     from trainer.report import format_table
     from trainer.stages import run_pipeline
@@ -234,7 +248,13 @@ def distill(
         typer.secho(str(err), fg="red", err=True)
         raise typer.Exit(1) from err
     cfg = cfg.model_copy(update={"stage3": cfg.stage3.model_copy(update={"temperature": reader.temperature})})
-    report = run_pipeline(cfg, source=reader)
+    if cfg.distributed.num_workers > 1:
+        from trainer.workers import init_ray, train_distributed
+
+        init_ray(address)
+        report = train_distributed(cfg, labelset=(str(store), labelset))
+    else:
+        report = run_pipeline(cfg, source=reader)
     typer.echo(format_table([_row(report)]))
     typer.echo(f"\nlearned from labelset {labelset}; wrote {cfg.out_dir}/")
 

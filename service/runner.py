@@ -108,6 +108,10 @@ def _report_result(report: dict, run_dir: Path) -> dict:
 def _train(cfg, payload: dict) -> dict:
     from trainer.stages import run_pipeline
 
+    if cfg.distributed.num_workers > 1:  # this task only drives Ray Train; its workers hold the CPUs/GPUs
+        from trainer.workers import train_distributed
+
+        return _report_result(train_distributed(cfg), Path(payload["run_dir"]))
     return _report_result(run_pipeline(cfg), Path(payload["run_dir"]))
 
 
@@ -127,6 +131,11 @@ def _distill(cfg, payload: dict) -> dict:
 
     reader = LabelsetReader(payload["store_root"], payload["labelset_id"])
     cfg = cfg.model_copy(update={"stage3": cfg.stage3.model_copy(update={"temperature": reader.temperature})})
+    if cfg.distributed.num_workers > 1:
+        from trainer.workers import train_distributed
+
+        report = train_distributed(cfg, labelset=(payload["store_root"], payload["labelset_id"]))
+        return _report_result(report, Path(payload["run_dir"]))
     return _report_result(run_pipeline(cfg, source=reader), Path(payload["run_dir"]))
 
 
@@ -156,11 +165,11 @@ def job_progress(job: JobRecord, store_root: Path) -> dict | None:
 # ---- in the service ------------------------------------------------------------------------------------------------
 
 
-def _task_options(kind: str) -> dict:
-    """Labels jobs only orchestrate (their actors hold the CPUs); training gets a whole node's share."""
+def _task_options(kind: str, distributed_workers: int = 1) -> dict:
+    """Labels jobs and Ray Train jobs only orchestrate (their actors hold the CPUs); training gets a node's share."""
     import ray
 
-    if kind == "labels":
+    if kind == "labels" or distributed_workers > 1:
         return {"num_cpus": 0, "num_gpus": 0}
     from trainer.workers import task_resources
 
@@ -211,7 +220,8 @@ class JobRunner:
             self._ensure_ray()
             import ray
 
-            task = ray.remote(max_retries=0, **_task_options(job.kind))(run_job)
+            workers = job.payload.get("config", {}).get("distributed", {}).get("num_workers", 1)
+            task = ray.remote(max_retries=0, **_task_options(job.kind, workers))(run_job)
             ref = task.remote(job.kind, job.payload, job.attempt)
         except Exception as err:  # noqa: BLE001 - any failure to reach Ray is the job's failure, not the request's
             log.exception("could not submit job %s", job.id)

@@ -15,9 +15,16 @@ JOINT_METHODS = {  # method -> the stage-I loss it trains with
     "ldam_drw": "ldam",
     "balanced_softmax": "balanced_softmax",
     "logit_adjust": "logit_adjust",
+    "eql": "eql",
 }
 DECOUPLED_METHODS = ("crt", "lws", "tau_norm", "ncm")
-METHODS = (*JOINT_METHODS, *DECOUPLED_METHODS, "ssd")
+EXPERT_METHODS = {  # method -> the stage-I loss its experts (or branches) train with; see trainer/expert_stages.py
+    "bbn": "ce",
+    "ride": "ldam",
+    "lfme": "ce",
+    "experts_ta": "balanced_softmax",
+}
+METHODS = (*JOINT_METHODS, *DECOUPLED_METHODS, "ssd", *EXPERT_METHODS)
 
 
 class Frozen(BaseModel):
@@ -46,12 +53,13 @@ class ModelConfig(Frozen):
     )
 
 
-SamplerKind = Literal["instance", "class", "sqrt", "progressive"]
-SAMPLER_HELP = "p_j ∝ n_j^q with q=1 (instance) / 0 (class) / 0.5 (sqrt), or instance→class linearly over epochs"
+SamplerKind = Literal["instance", "class", "sqrt", "reversed", "progressive"]
+SAMPLER_HELP = ("p_j ∝ n_j^q with q=1 (instance) / 0 (class) / 0.5 (sqrt) / -1 (reversed, BBN), "
+                "or instance→class linearly over epochs")
 
 
 class LossConfig(Frozen):
-    name: Literal["ce", "focal", "cb", "ldam", "balanced_softmax", "logit_adjust"] = "ce"
+    name: Literal["ce", "focal", "cb", "ldam", "balanced_softmax", "logit_adjust", "eql"] = "ce"
     focal_gamma: float = Field(1.0, ge=0, description="Focal loss focusing parameter γ")
     cb_beta: float = Field(0.9999, gt=0, lt=1, description="Effective-number β for class-balanced weights")
     ldam_max_margin: float = Field(0.5, gt=0, description="LDAM margin of the smallest class")
@@ -60,11 +68,20 @@ class LossConfig(Frozen):
         None, ge=0, le=1, description="Fraction of epochs after which class-balanced (DRW) weights switch on"
     )
     logit_adjust_tau: float = Field(1.0, ge=0, description="τ of logit adjustment (1 = balanced softmax)")
+    eql_variant: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="EQL form: softmax (SEQL, for classification) or per-class sigmoid (the detection form)"
+    )
+    eql_lambda: float = Field(
+        5e-3, ge=0, le=1, description="λ: classes with frequency n_j/N below it are 'tail' (their negatives dropped)"
+    )
+    eql_gamma: float = Field(
+        0.9, ge=0, le=1, description="γ: SEQL drops a tail class's negative logit with this probability (β ~ B(γ))"
+    )
 
 
 class OptimConfig(Frozen):
     epochs: int = Field(200, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="Images per step per worker (global batch: x distributed.num_workers)")
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(2e-4, ge=0)
@@ -141,6 +158,51 @@ class Stage4Config(Frozen):
     sampler: SamplerKind = Field("class", description=SAMPLER_HELP)
 
 
+class DistributedConfig(Frozen):
+    """Data-parallel training on Ray Train: 1 worker (default) trains in one process exactly as without Ray Train."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks); each takes batch_size per step")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="One GPU per worker; 'auto': when the cluster has GPUs")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (also its torch threads)")
+    placement: Literal["PACK", "SPREAD"] = Field("PACK", description="Workers on as few nodes as fit, or spread out")
+    max_failures: int = Field(2, ge=-1, description="Restarts from the last checkpoint after a worker dies (-1: no cap)")
+    sync_batchnorm: bool = Field(False, description="SyncBatchNorm over the global batch (CUDA only) instead of "
+                                                    "per-worker BatchNorm statistics")
+    storage_path: Path | None = Field(None, description="Ray Train checkpoint storage, shared by every node "
+                                                        "(None: out_dir/ray_train)")
+
+
+class ExpertsConfig(Frozen):
+    """Multi-expert methods (bbn, ride, lfme, experts_ta); experts train with stage1's optim/loss/sampler."""
+
+    n_experts: int = Field(3, ge=2, description="Experts (RIDE, independent experts) or frequency groups (LFME)")
+    share: Literal["none", "stem", "first_stage", "all_but_last_block"] | None = Field(
+        None, description="Backbone part shared by the experts (None: the method's own: BBN all_but_last_block, "
+        "RIDE first_stage, independent experts and LFME none)"
+    )
+    diversity_weight: float = Field(-0.2, description="RIDE: weight of the KL(expert ‖ mean) term; negative pushes "
+                                                      "experts apart (official: -0.2, CIFAR-100 config -0.45)")
+    diversity_temperature: float = Field(1.0, gt=0, description="RIDE: base temperature of the diversity KL")
+    diversity_reweight_factor: float = Field(0.05, ge=0, le=1, description="RIDE: after DRW starts, per-class "
+                                             "temperatures T·(C·r·π_j + 1 − r)/max (r = this factor)")
+    router: bool = Field(True, description="RIDE: train the expert-assignment router after the experts")
+    router_optim: HeadOptimConfig = HeadOptimConfig()
+    router_top_k: int = Field(5, ge=1, description="RIDE router input: top-k of the running mean logits (≤ C)")
+    router_hidden: int = Field(16, ge=1, description="RIDE router: hidden units on the expert's feature")
+    router_pos_weight: float = Field(20.0, gt=0, description="RIDE router BCE pos_weight (official default)")
+    router_threshold: float = Field(0.5, gt=0, lt=1, description="RIDE router: consult the next expert above this")
+    lfme_split: Literal["shots", "equal"] = Field(
+        "shots", description="LFME groups: many/medium/few by train counts (>100 / 20-100 / <20; empty groups "
+        "dropped, a one-class group merged into its neighbour) or n_experts groups of equal class count by frequency"
+    )
+    lfme_selection_beta: float = Field(0.6, ge=0, lt=1, description="LFME: an expert's KD weight is 1 until the "
+                                       "student's group accuracy reaches β·expert's, then falls linearly to 0 at 1·")
+    lfme_curriculum_start: float = Field(0.5, gt=0, le=1, description="LFME: fraction of each group's easiest "
+                                         "instances weighted in at the first epoch")
+    lfme_curriculum_end: float = Field(0.5, gt=0, le=1, description="LFME: fraction of the run after which every "
+                                       "instance is weighted in (linear from curriculum_start)")
+
+
 class RunConfig(Frozen):
     method: Literal[METHODS] = Field("ssd", description="What to train: a joint loss, a decoupled re-balancing, or SSD")
     data: DataConfig = DataConfig()
@@ -150,6 +212,8 @@ class RunConfig(Frozen):
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     stage4: Stage4Config = Stage4Config()
+    experts: ExpertsConfig = ExpertsConfig()
+    distributed: DistributedConfig = DistributedConfig()
     seed: int = Field(0, description="Seed of model init, sampling and augmentation")
     device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end)")
@@ -168,21 +232,30 @@ class RunConfig(Frozen):
                 _fill(data, ("stage1", "loss", "drw_start"), 0.8, method)
         if method in DECOUPLED_METHODS:
             _fill(data, ("stage2", "method"), method, method)
+        if method in EXPERT_METHODS:  # defaults only: experts may train with any stage-I loss
+            name = _default(data, ("stage1", "loss", "name"), EXPERT_METHODS[method])
+            if method == "ride" and name == "ldam":
+                _default(data, ("stage1", "loss", "drw_start"), 0.8)
         return data
 
     @model_validator(mode="after")
     def _heads_fit(self) -> RunConfig:
-        if self.pipeline != "joint" and self.stage1.loss.name == "ldam" and self.stage2.method in ("lws", "tau_norm"):
+        if self.pipeline in ("decoupled", "ssd") and self.stage1.loss.name == "ldam" and self.stage2.method in ("lws", "tau_norm"):
             raise ValueError(
                 f"stage2.method={self.stage2.method} re-scales a linear head, but stage1.loss.name=ldam trains a "
                 "cosine head: use stage2.method=crt or ncm, or another stage-I loss"
             )
+        if self.method == "experts_ta" and self.experts.share not in (None, "none"):
+            raise ValueError(f"experts_ta trains its experts one after another, so they cannot share layers "
+                             f"(experts.share={self.experts.share}): drop experts.share or set it to none")
         return self
 
     @property
-    def pipeline(self) -> Literal["joint", "decoupled", "ssd"]:
+    def pipeline(self) -> Literal["joint", "decoupled", "ssd", "experts"]:
         if self.method in JOINT_METHODS:
             return "joint"
+        if self.method in EXPERT_METHODS:
+            return "experts"
         return "decoupled" if self.method in DECOUPLED_METHODS else "ssd"
 
 
@@ -200,6 +273,18 @@ def _fill(data: dict, path: tuple[str, ...], value: Any, method: str) -> None:
             f"method={method!r} needs {'.'.join(path)}={value!r} but got {current!r}; "
             f"drop that key or change the method"
         )
+
+
+def _default(data: dict, path: tuple[str, ...], value: Any) -> Any:
+    """Set a nested key unless given; returns the value in effect (None inside an already-built sub-config)."""
+    node = data
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if isinstance(node, BaseModel):
+            return getattr(node, path[-1], None) if key == path[-2] else None
+    if node.get(path[-1]) is None:
+        node[path[-1]] = value
+    return node[path[-1]]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from trainer.batches import Batch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig
+from trainer.distributed import (all_reduce_sums, broadcast_module_state, broadcast_object, data_parallel_loss,
+                                  gather_split, is_distributed, is_primary, worker_hooks)
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +63,23 @@ def fit(
 
     `model` holds every stateful part of the stage (MoCo queue included), so one state_dict resumes it exactly; the
     sampler/augmentation generator state is saved too, so a resumed run draws the same batches as an unbroken one.
+    Data-parallel (inside a process group, see trainer/distributed.py): rank 0 alone reads and writes the checkpoint
+    and hands its state to the other ranks, the loss runs through DDP, and the epoch record sums every rank's images.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     start, history = 0, []
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint, expect=meta)
+    hooks = worker_hooks()
+    state = load_checkpoint(checkpoint, expect=meta) if is_primary() and checkpoint.exists() else None
+    state = broadcast_object(state)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start, history = state["epoch"] + 1, list(state["history"])
         if start < optim.epochs:
             log.info("%s: resuming at epoch %d/%d from %s", stage, start + 1, optim.epochs, checkpoint)
+    step = data_parallel_loss(model, loss_fn, hooks.sync_batchnorm) if is_distributed() else loss_fn
     bar = progress_bar(f"stage {stage}", optim.epochs, start, "ep")
     for epoch in range(start, optim.epochs):
         lr = learning_rate(optim, epoch)
@@ -83,7 +90,7 @@ def fit(
         totals: dict[str, float] = {}
         seen, tic = 0, time.perf_counter()
         for batch in batches.epoch(progress, generator):
-            loss, parts = loss_fn(batch, progress)
+            loss, parts = step(batch, progress)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -92,6 +99,9 @@ def fit(
             for key, value in {"loss": loss.detach(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * n
         elapsed = time.perf_counter() - tic
+        if is_distributed():
+            totals, seen = all_reduce_sums(totals, seen)
+            broadcast_module_state(model)  # rank 0's BatchNorm statistics everywhere: eval and save see one model
         record = {"epoch": epoch + 1, "lr": lr, "img_s": seen / max(elapsed, 1e-9)}
         record.update({k: v / max(seen, 1) for k, v in totals.items()})
         if on_epoch_end is not None:
@@ -100,10 +110,13 @@ def fit(
         bar.set_description(f"stage {stage} loss {record['loss']:.3f} {record['img_s']:.0f} img/s")
         bar.update(1)
         log.debug("stage %s %s", stage, record)
-        save_checkpoint(checkpoint, {
-            **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(), "epoch": epoch, "history": history,
-        })
+        if is_primary():
+            save_checkpoint(checkpoint, {
+                **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "epoch": epoch, "history": history,
+            })
+        if hooks.after_epoch is not None:
+            hooks.after_epoch(stage, checkpoint, record)  # Ray Train: report the epoch and its checkpoint
     bar.close()
     return history
 
@@ -116,4 +129,6 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], batches) -> tuple[t
         logits.append(forward(batch.images).float().cpu())
         labels.append(batch.labels.cpu())
         ids.append(batch.ids.cpu())
+    if getattr(batches, "shard", None) is not None:  # data-parallel: each rank predicted its shard of the split
+        return gather_split(*(torch.cat(x) if x else torch.empty(0) for x in (logits, labels, ids)))
     return torch.cat(logits), torch.cat(labels), torch.cat(ids)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.distributed import all_gather_rows
+
 
 def label_aware_info_nce(
     q: torch.Tensor,
@@ -52,6 +54,10 @@ class MoCo(nn.Module):
     the key batch across GPUs so query and key BN see different samples) is a multi-GPU trick; on one device we use
     no shuffle. The trade-off: BN statistics can leak which key belongs to which batch, a shortcut shuffle-BN blocks;
     the label-aware CE term and the 0.999 momentum limit it in practice, and single-device training stays simple.
+
+    Data-parallel (several workers): each worker's key encoder normalises its own key batch (per-worker BN, no
+    shuffle, the same trade-off as on one device), and every step enqueues the keys and labels all-gathered from
+    every worker in rank order, so all workers hold the same queue, filled as by one worker with the global batch.
     """
 
     def __init__(
@@ -121,5 +127,5 @@ class MoCo(nn.Module):
         # A copy, because enqueue() overwrites the queue in place while autograd still needs it for q's gradient.
         queue = self.queue.clone()
         loss = label_aware_info_nce(q, k, queue, self.queue_labels, labels, self.temperature, self.label_aware)
-        self.enqueue(k, labels)
+        self.enqueue(all_gather_rows(k), all_gather_rows(labels))
         return loss

@@ -94,7 +94,13 @@ class TableTargets:
     """
 
     def __init__(self, source: SoftLabelSource, num_images: int, device: torch.device):
-        self.table = torch.as_tensor(read_all_rows(source, num_images), device=device)
+        from trainer.distributed import is_distributed, read_rows_sharded
+
+        if is_distributed():  # each worker reads its own block of ids from the source, then they share the rows
+            rows = read_rows_sharded(lambda ids: torch.as_tensor(source.soft_labels(ids.numpy())).float(), num_images)
+        else:
+            rows = torch.as_tensor(read_all_rows(source, num_images))
+        self.table = rows.to(device)
 
     def __call__(self, batch) -> torch.Tensor:
         return self.table[batch.ids]

@@ -17,6 +17,7 @@ from trainer.batches import eval_resize, make_batches
 from trainer.classifiers import LWSClassifier, NCMClassifier, TauNormClassifier, ncm_centroids, search_tau
 from trainer.config import RunConfig, dump_config
 from trainer.datasets import LongTailData, load_dataset
+from trainer.distributed import current_shard
 from trainer.engine import LossFn, fit, predict
 from trainer.losses import build_loss, kd_loss
 from trainer.metrics import summarize
@@ -38,6 +39,7 @@ class RunContext:
     data: LongTailData
     device: torch.device
     out_dir: Path
+    shard: tuple[int, int] | None = None  # (rank, world) when training data-parallel under Ray Train
 
     def meta(self, stage: str) -> dict:
         """What a stage's checkpoint must match to be resumed: dataset fingerprint and the config it depends on."""
@@ -53,11 +55,11 @@ class RunContext:
                 view_records=None):
         return make_batches(self.data, split, self.device, batch_size, train=train, augment_cfg=self.cfg.augment,
                             sampler=sampler, key_view=key_view, image_size=self.cfg.data.image_size,
-                            num_workers=self.cfg.data.num_workers, view_records=view_records)
+                            num_workers=self.cfg.data.num_workers, view_records=view_records, shard=self.shard)
 
     def spec(self, model: Classifier, role: str, metrics: dict | None = None) -> ModelSpec:
         """The self-description saved with a model file (see trainer/export.py)."""
-        kind, args = head_kind(model.head)
+        kind, args = head_kind(getattr(model, "head", model))  # a multi-expert net describes itself
         data = self.data
         size = int(data.train.images.shape[-1]) if data.in_memory else self.cfg.data.image_size
         return ModelSpec(arch=self.cfg.model.arch, in_channels=data.in_channels, num_classes=data.num_classes,
@@ -78,7 +80,7 @@ def prepare(cfg: RunConfig, data: LongTailData | None = None) -> RunContext:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
-    return RunContext(cfg, data or load_dataset(cfg.data), resolve_device(cfg.device), out_dir)
+    return RunContext(cfg, data or load_dataset(cfg.data), resolve_device(cfg.device), out_dir, current_shard())
 
 
 def stage1_objective(ctx: RunContext) -> tuple[nn.ModuleDict, LossFn]:
@@ -293,7 +295,11 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
                     "seed": cfg.seed, "lt_seed": cfg.data.lt_seed, "fingerprint": ctx.data.fingerprint,
                     "device": str(ctx.device), "class_counts": ctx.data.class_counts.tolist(),
                     "class_names": ctx.data.class_names, "stages": {}}
-    if source is None or cfg.pipeline != "ssd":
+    if cfg.pipeline == "experts":
+        from trainer.expert_stages import train_multi_expert
+
+        final = train_multi_expert(ctx, report)  # BBN, RIDE, LFME, independent experts; fills report["stages"]
+    elif source is None or cfg.pipeline != "ssd":
         model = train_stage1(ctx)
         report["stages"]["I"] = evaluate(ctx, model.eval())
         final = model

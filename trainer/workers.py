@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -49,11 +50,16 @@ def _run_pipeline_task(cfg_dict: dict) -> dict:
 
 def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1) -> list[dict]:
     """Run several configs (seeds, methods) as parallel Ray tasks; a crashed worker is retried `max_retries` times,
-    and the retry resumes from the stage's last checkpoint in the run folder."""
-    resources = task_resources(parallel=len(cfgs))
+    and the retry resumes from the stage's last checkpoint in the run folder.
+
+    Configs with `distributed.num_workers` > 1 run one after another, each on Ray Train across the cluster.
+    """
+    single = [cfg for cfg in cfgs if cfg.distributed.num_workers == 1]
+    resources = task_resources(parallel=max(len(single), 1))
     task = ray.remote(max_retries=max_retries, **resources)(_run_pipeline_task)
-    refs = [task.remote(_absolute_paths(cfg).model_dump(mode="json")) for cfg in cfgs]
-    return ray.get(refs)
+    refs = {id(cfg): task.remote(_absolute_paths(cfg).model_dump(mode="json")) for cfg in single}
+    reports = {id(cfg): train_distributed(cfg) for cfg in cfgs if cfg.distributed.num_workers > 1}
+    return [reports[id(cfg)] if id(cfg) in reports else ray.get(refs[id(cfg)]) for cfg in cfgs]
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -106,11 +112,13 @@ def generate_labelset(teacher_path: Path, cfg: RunConfig, store_root: Path, labe
     queue = writer.missing_chunks()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = num_workers or (gpus * writers_per_gpu) or min(4, int(ray.cluster_resources().get("CPU", 1)))
-    actor_cls = ray.remote(num_gpus=1 / writers_per_gpu if gpus else 0, num_cpus=1)(LabelShardWriter)
+    actor_cls = ray.remote(num_gpus=1 / writers_per_gpu if gpus else 0, num_cpus=1)(_located(LabelShardWriter))
     args = (str(Path(teacher_path).resolve()), _absolute_paths(cfg).data.model_dump(mode="json"),
             str(Path(store_root).resolve()), labelset_id, cfg.augment.model_dump(), cfg.seed)
     actors = [actor_cls.remote(*args, exit_after_chunks=exit_after_chunks if i == 0 else None)
               for i in range(max(1, min(count, len(queue))))]
+    node_of = dict(zip(actors, ray.get([actor.node_id.remote() for actor in actors])))
+    chunks_per_node: dict[str, int] = {}
     pending = {actor.write.remote(queue.pop(0)): actor for actor in actors if queue}
     bar = tqdm(total=writer.num_chunks, initial=writer.num_chunks - len(queue) - len(pending),
                desc=f"labels {labelset_id}", unit="chunk", dynamic_ncols=True)
@@ -119,6 +127,7 @@ def generate_labelset(teacher_path: Path, cfg: RunConfig, store_root: Path, labe
             done, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(done[0])
             ray.get(done[0])
+            chunks_per_node[node_of[actor]] = chunks_per_node.get(node_of[actor], 0) + 1
             bar.update(1)
             if queue:
                 pending[actor.write.remote(queue.pop(0))] = actor
@@ -130,4 +139,172 @@ def generate_labelset(teacher_path: Path, cfg: RunConfig, store_root: Path, labe
         bar.close()
         for actor in actors:
             ray.kill(actor)
+    log.info("label chunks written per node: %s", json.dumps(chunks_per_node))
     return writer.publish()
+
+
+def _located(cls):
+    """`cls` plus a node_id() method, so the driver can say which cluster node did each piece of work."""
+
+    class Located(cls):
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    Located.__name__ = Located.__qualname__ = cls.__name__  # actors keep their class name in Ray's state
+    return Located
+
+
+# ---- data-parallel training on Ray Train ---------------------------------------------------------------------------
+
+RESULT_FILE = "report.json"  # the finished run's report, inside its last Ray Train checkpoint
+
+
+def _copy_or_link(src: Path, dst: Path) -> None:
+    """A hard link is a free snapshot (checkpoints are replaced by os.replace, never rewritten in place)."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _stage_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p.relative_to(run_dir) for p in run_dir.glob("stage*/checkpoint.pt"))
+
+
+def _report_to_ray_train(run_dir: Path | None, metrics: dict, extra: dict[str, str] | None = None) -> None:
+    """ray.train.report on every rank (a barrier); rank 0 attaches every stage checkpoint so far as one checkpoint.
+
+    Every stage's file goes in, not only the running stage's: a restarted worker group skips finished stages by
+    finding their last-epoch checkpoints, as a re-run in one process does.
+    """
+    import tempfile
+
+    import ray.train
+
+    if run_dir is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="ltd-ckpt-") as tmp:
+        for rel in _stage_checkpoints(run_dir):
+            _copy_or_link(run_dir / rel, Path(tmp) / rel)
+        for name, text in (extra or {}).items():
+            (Path(tmp) / name).write_text(text)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore_from_ray_train(run_dir: Path) -> str | None:
+    """Rank 0 copies the latest Ray Train checkpoint's stage files into the run folder (it may be on a new node)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        for rel in _stage_checkpoints(Path(folder)):
+            target = run_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".restore")
+            _copy_or_link(Path(folder) / rel, tmp)
+            os.replace(tmp, target)
+    return Path(checkpoint.path).name
+
+
+def _train_loop_per_worker(config: dict) -> None:
+    """One DDP rank of a run: the same run_pipeline as in one process; Ray Train made the process group.
+
+    Rank 0 owns the run folder; other ranks write into a private scratch folder (their duplicate model files are
+    discarded). Every epoch goes through ray.train.report with rank 0's checkpoint, and a restarted group resumes
+    from ray.train.get_checkpoint().
+    """
+    import json
+    import shutil
+    import signal
+    import tempfile
+
+    import ray.train
+    import torch
+
+    from trainer.distributed import WorkerHooks, all_gather_objects, installed_hooks
+    from trainer.stages import run_pipeline
+
+    cfg = RunConfig.model_validate(config["cfg"])  # crossed a process boundary: validate again
+    rank = ray.train.get_context().get_world_rank()
+    os.environ["LTD_PROGRESS"] = "ray"
+    torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
+    if config["use_gpu"]:
+        torch.cuda.set_device(ray.train.torch.get_device())  # "cuda" in the run config now means this rank's GPU
+    run_dir = Path(cfg.out_dir)
+    scratch = None
+    restored = None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        restored = _restore_from_ray_train(run_dir)
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix=f"ltd-rank{rank}-"))
+        cfg = cfg.model_copy(update={"out_dir": scratch})
+    workers = all_gather_objects({"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
+    fault = config.get("fault")
+
+    def after_epoch(stage: str, checkpoint: Path, record: dict) -> None:
+        _report_to_ray_train(run_dir if rank == 0 else None, {"stage": stage, **record})
+        if fault and (rank, stage, record["epoch"]) == (fault["rank"], fault["stage"], fault["epoch"]):
+            marker = Path(fault["marker"])
+            if not marker.exists():  # once: the restarted worker must not die again
+                marker.write_text(json.dumps({"pid": os.getpid(), "stage": stage, "epoch": record["epoch"]}))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    source = None
+    if config.get("labelset"):
+        from store import LabelsetReader
+
+        source = LabelsetReader(*config["labelset"])
+        cfg = cfg.model_copy(update={"stage3": cfg.stage3.model_copy(update={"temperature": source.temperature})})
+    try:
+        with installed_hooks(WorkerHooks(sync_batchnorm=cfg.distributed.sync_batchnorm, after_epoch=after_epoch)):
+            report = run_pipeline(cfg, source=source)
+        report["ray_train"] = {"workers": workers, "restored_from": restored}
+        if rank == 0:
+            (run_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+        text = json.dumps(report)
+        _report_to_ray_train(run_dir if rank == 0 else None, {"stage": "done", "report_bytes": len(text)},
+                             extra={RESULT_FILE: text})
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def train_distributed(cfg: RunConfig, labelset: tuple[str, str] | None = None, *, fault: dict | None = None) -> dict:
+    """Run `cfg` data-parallel on Ray Train (`cfg.distributed`), restarting from the last checkpoint after a failure.
+
+    `labelset` = (store root, labelset id) distils from a stored labelset instead of training a teacher.
+    `fault` = {"rank", "stage", "epoch", "marker"} makes that worker SIGKILL itself once after that epoch's
+    checkpoint is reported (the tests' injected failure; `marker` is the file that makes it once).
+    Returns the run's report (as run_pipeline does), read from the last Ray Train checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = _absolute_paths(cfg)
+    d = cfg.distributed
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0) >= 1) if d.use_gpu == "auto" else bool(d.use_gpu)
+    storage = Path(d.storage_path or cfg.out_dir / "ray_train").resolve()
+    resources = {"CPU": d.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu, "fault": fault,
+                           "labelset": [str(Path(labelset[0]).resolve()), labelset[1]] if labelset else None},
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=d.placement),
+        run_config=TrainRunConfig(name="train", storage_path=str(storage),
+                                  failure_config=FailureConfig(max_failures=d.max_failures),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        import json
+
+        return json.loads((Path(folder) / RESULT_FILE).read_text())
