@@ -21,7 +21,7 @@ class ModelSpec:
     arch: str
     in_channels: int
     num_classes: int
-    head: str  # linear | cosine | lws | tau_norm | ncm
+    head: str  # linear | cosine | lws | tau_norm | ncm | experts (a multi-expert model: BBN, RIDE, experts + TA)
     class_names: list[str]
     mean: list[float]
     std: list[float]
@@ -29,12 +29,14 @@ class ModelSpec:
     role: str  # teacher | student | classifier
     method: str
     fingerprint: str
-    head_args: dict = field(default_factory=dict)  # tau, ncm metric
+    head_args: dict = field(default_factory=dict)  # tau, ncm metric; experts: trainer.experts export_args()
     resize: int | None = None  # eval: shorter side resized to this, then centre crop image_size (None: image_size)
     metrics: dict = field(default_factory=dict)
 
 
 def head_kind(head: nn.Module) -> tuple[str, dict]:
+    if hasattr(head, "export_args"):  # a multi-expert model (trainer/experts.py): rebuilt whole by load_model
+        return "experts", head.export_args()
     if isinstance(head, LWSClassifier):
         return "lws", {}
     if isinstance(head, TauNormClassifier):
@@ -69,10 +71,16 @@ def save_model(path: Path, model: Classifier, spec: ModelSpec) -> str:
     return file_sha256(path)
 
 
-def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, ModelSpec]:
-    """Rebuild a saved classifier in eval mode; loads with weights_only=True."""
+def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """Rebuild a saved classifier (images -> logits) in eval mode; loads with weights_only=True."""
     state = torch.load(path, map_location=map_location, weights_only=True)
     spec = ModelSpec(**state["spec"])
+    if spec.head == "experts":
+        from trainer.experts import build_expert_model
+
+        model = build_expert_model(spec.arch, spec.in_channels, spec.num_classes, spec.head_args)
+        model.load_state_dict(state["state_dict"])
+        return model.eval(), spec
     backbone = build_backbone(spec.arch, spec.in_channels)
     model = Classifier(backbone, build_head(spec.head, backbone.feature_dim, spec.num_classes, spec.head_args))
     model.load_state_dict(state["state_dict"])

@@ -1,4 +1,4 @@
-"""Long-tail classification losses (focal, class-balanced, LDAM-DRW, logit adjustment) and the KD loss of SSD."""
+"""Long-tail classification losses (focal, class-balanced, LDAM-DRW, logit adjustment, EQL) and the KD loss of SSD."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer.config import LossConfig
 
-LOSS_NAMES = ("ce", "focal", "cb", "ldam", "balanced_softmax", "logit_adjust")
+LOSS_NAMES = ("ce", "focal", "cb", "ldam", "balanced_softmax", "logit_adjust", "eql")
 
 Counts = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -82,6 +82,43 @@ def logit_adjusted_loss(
     return F.cross_entropy(adjusted, targets, weight=None if weight is None else weight.to(logits))
 
 
+def eql_tail_classes(class_counts: Counts, lam: float) -> torch.Tensor:
+    """(C,) bool T_λ(f_j): class frequency f_j = n_j / Σn below λ (Tan et al. 2020, eq. 6)."""
+    n = _counts(class_counts)
+    return n / n.sum() < lam
+
+
+def sigmoid_eql_loss(logits: torch.Tensor, targets: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_j BCE(z_j, y_j) / N with w_j = 1 − T_λ(f_j)(1 − y_j) (EQL, eq. 5; every image is foreground here).
+
+    A tail class keeps the positive gradient of its own images but gets none from other classes' images.
+    """
+    onehot = F.one_hot(targets.long(), logits.shape[1]).to(logits)
+    weight = 1.0 - tail.to(logits).unsqueeze(0) * (1.0 - onehot)
+    return F.binary_cross_entropy_with_logits(logits, onehot, weight=weight, reduction="sum") / len(targets)
+
+
+def softmax_eql_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    tail: torch.Tensor,
+    gamma: float,
+    drop: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """−log(e^{z_y} / Σ_k w̃_k e^{z_k}), w̃_k = 1 − β T_λ(f_k)(1 − y_k), β ~ Bernoulli(γ) (SEQL, Tan et al. eq. 8).
+
+    β is drawn per image and class (as the reference implementation does) unless `drop` (N, C bool) gives it;
+    a dropped class leaves the denominator, so it receives no negative gradient from that image.
+    """
+    if drop is None:
+        drop = torch.rand(logits.shape, device=logits.device) < gamma
+    onehot = F.one_hot(targets.long(), logits.shape[1]).bool()
+    removed = drop.to(onehot.device) & tail.to(onehot.device).unsqueeze(0) & ~onehot
+    return F.cross_entropy(logits.masked_fill(removed, float("-inf")), targets,
+                           weight=None if weight is None else weight.to(logits))
+
+
 def kd_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · mean_i KL(q_i ‖ softmax(s_i/T)), q = stored softmax(teacher/T) rows (SSD eq. 3-4, Hinton et al.).
 
@@ -105,6 +142,9 @@ class LongTailLoss(nn.Module):
         ldam_scale: float = 30.0,
         drw_start: float | None = None,
         logit_adjust_tau: float = 1.0,
+        eql_variant: str = "softmax",
+        eql_lambda: float = 5e-3,
+        eql_gamma: float = 0.9,
     ):
         super().__init__()
         if name not in LOSS_NAMES:
@@ -114,10 +154,12 @@ class LongTailLoss(nn.Module):
         self.ldam_scale = ldam_scale
         self.drw_start = drw_start
         self.tau = 1.0 if name == "balanced_softmax" else logit_adjust_tau
+        self.eql_variant, self.eql_gamma = eql_variant, eql_gamma
         # Non-persistent buffers: they follow .to(device) but stay out of model checkpoints.
         self.register_buffer("cb_weights", effective_number_weights(class_counts, cb_beta), persistent=False)
         self.register_buffer("margins", ldam_margins(class_counts, ldam_max_margin), persistent=False)
         self.register_buffer("log_prior", log_prior(class_counts), persistent=False)
+        self.register_buffer("eql_tail", eql_tail_classes(class_counts, eql_lambda), persistent=False)
 
     def class_weights(self, progress: float) -> torch.Tensor | None:
         """Effective-number weights when this loss re-weights at `progress` (cb always; DRW after drw_start)."""
@@ -127,12 +169,17 @@ class LongTailLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
         """Scalar loss of (N, C) logits against (N,) targets; `progress` ∈ [0, 1] is the fraction of training done."""
+        targets = targets.long()  # in-memory datasets keep uint8 labels; LDAM's gather and one-hot need int64
         weight = self.class_weights(progress)
         weight = None if weight is None else weight.to(logits)
         if self.name == "focal":
             return focal_loss(logits, targets, self.focal_gamma, weight)
         if self.name == "ldam":
             return ldam_loss(logits, targets, self.margins, self.ldam_scale, weight)
+        if self.name == "eql":
+            if self.eql_variant == "sigmoid":
+                return sigmoid_eql_loss(logits, targets, self.eql_tail)
+            return softmax_eql_loss(logits, targets, self.eql_tail, self.eql_gamma, weight=weight)
         if self.name in ("balanced_softmax", "logit_adjust"):
             # Same as logit_adjusted_loss, with log π kept as a buffer so it is not rebuilt every step.
             return F.cross_entropy(logits + self.tau * self.log_prior.to(logits), targets, weight=weight)
@@ -153,4 +200,7 @@ def build_loss(cfg: LossConfig, class_counts: Counts) -> LongTailLoss:
         ldam_scale=cfg.ldam_scale,
         drw_start=cfg.drw_start,
         logit_adjust_tau=cfg.logit_adjust_tau,
+        eql_variant=cfg.eql_variant,
+        eql_lambda=cfg.eql_lambda,
+        eql_gamma=cfg.eql_gamma,
     )

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-SAMPLER_EXPONENTS = {"instance": 1.0, "class": 0.0, "sqrt": 0.5}  # q of p_j ∝ n_j^q
+SAMPLER_EXPONENTS = {"instance": 1.0, "class": 0.0, "sqrt": 0.5, "reversed": -1.0}  # q of p_j ∝ n_j^q (reversed: BBN)
 SAMPLER_KINDS = (*SAMPLER_EXPONENTS, "progressive")
 
 

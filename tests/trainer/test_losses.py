@@ -14,11 +14,14 @@ from trainer.losses import (
     LongTailLoss,
     build_loss,
     effective_number_weights,
+    eql_tail_classes,
     focal_loss,
     kd_loss,
     ldam_loss,
     ldam_margins,
     logit_adjusted_loss,
+    sigmoid_eql_loss,
+    softmax_eql_loss,
 )
 
 COUNTS = torch.tensor([500, 100, 20, 5])
@@ -129,6 +132,8 @@ def test_build_loss_matches_the_plain_functions(name):
         "ldam": lambda: ldam_loss(logits, targets, ldam_margins(COUNTS, 0.5), 30.0),
         "balanced_softmax": lambda: logit_adjusted_loss(logits, targets, COUNTS, tau=1.0),
         "logit_adjust": lambda: logit_adjusted_loss(logits, targets, COUNTS, tau=0.5),
+        # the rarest class has frequency 5/625 = 0.008 ≥ λ = 5e-3: no tail class, so EQL is plain CE
+        "eql": lambda: F.cross_entropy(logits, targets),
     }[name]()
     assert loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -170,3 +175,57 @@ def test_loss_runs_on_cuda_logits_without_moving_the_module(name):
     gpu = loss(logits.cuda(), targets.cuda(), progress=0.9)
     assert gpu.device.type == "cuda"
     assert gpu.item() == pytest.approx(cpu.item(), rel=1e-4)
+
+
+def test_eql_tail_classes_by_frequency_threshold():
+    # f = [0.9, 0.09, 0.01]: only the last class is below λ = 0.05.
+    assert eql_tail_classes([90, 9, 1], 0.05).tolist() == [False, False, True]
+    assert eql_tail_classes([90, 9, 1], 0.1).tolist() == [False, True, True]
+
+
+def test_sigmoid_eql_hand_value_drops_only_tail_negatives():
+    logits, targets = torch.zeros(1, 3), torch.tensor([0])
+    tail = torch.tensor([False, False, True])
+    # BCE(0, y) = log 2 per class; the tail class 2 is a negative here, so its term is dropped: 2 log 2, not 3 log 2.
+    assert sigmoid_eql_loss(logits, targets, tail).item() == pytest.approx(2 * math.log(2), rel=1e-6)
+    # An image of the tail class keeps its own (positive) term: nothing dropped.
+    assert sigmoid_eql_loss(logits, torch.tensor([2]), tail).item() == pytest.approx(3 * math.log(2), rel=1e-6)
+
+
+def test_softmax_eql_hand_value_and_gradient():
+    logits = torch.zeros(2, 3, requires_grad=True)
+    targets = torch.tensor([0, 2])
+    tail = torch.tensor([False, True, True])
+    drop = torch.tensor([[True, True, False], [True, True, True]])
+    loss = softmax_eql_loss(logits, targets, tail, gamma=0.5, drop=drop)
+    # Image 0: class 1 (tail, dropped) leaves the denominator: -log(1/2). Image 1: its own class 2 is never dropped,
+    # class 1 is, class 0 is a head class (never dropped): -log(1/2). Mean: log 2.
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    loss.backward()
+    assert logits.grad[0, 1] == 0 and logits.grad[1, 1] == 0  # the tail class gets no negative gradient
+    assert logits.grad[0, 2] < 0 or logits.grad[0, 2] > 0  # class 2 was not dropped for image 0
+    assert logits.grad[1, 0] > 0  # head-class negatives are kept
+
+
+def test_softmax_eql_gamma_limits():
+    logits, targets = _batch(4)
+    tail = torch.tensor([False, False, True, True])
+    # γ = 0: β is never 1, so nothing is dropped: plain CE.
+    assert softmax_eql_loss(logits, targets, tail, 0.0).item() == pytest.approx(
+        F.cross_entropy(logits, targets).item(), rel=1e-6)
+    # γ = 1: every tail negative is dropped, the same as masking them out by hand.
+    mask = tail.unsqueeze(0) & (F.one_hot(targets, 4) == 0)
+    expected = F.cross_entropy(logits.masked_fill(mask, float("-inf")), targets)
+    assert softmax_eql_loss(logits, targets, tail, 1.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() < F.cross_entropy(logits, targets).item()
+
+
+def test_build_loss_eql_uses_lambda_and_variant():
+    logits, targets = _batch(5)
+    counts = torch.tensor([600, 300, 90, 10])  # f = [.6, .3, .09, .01]
+    sig = build_loss(LossConfig(name="eql", eql_variant="sigmoid", eql_lambda=0.05), counts)
+    assert sig(logits, targets).item() == pytest.approx(
+        sigmoid_eql_loss(logits, targets, torch.tensor([False, False, False, True])).item(), rel=1e-6)
+    soft = build_loss(LossConfig(name="eql", eql_lambda=0.05, eql_gamma=1.0), counts)
+    assert soft(logits, targets).item() == pytest.approx(
+        softmax_eql_loss(logits, targets, torch.tensor([False, False, False, True]), 1.0).item(), rel=1e-6)
