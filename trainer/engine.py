@@ -25,7 +25,12 @@ LossFn = Callable[[Batch, float], tuple[torch.Tensor, dict[str, float]]]
 
 
 def progress_bar(desc: str, total: int, done: int, unit: str):
-    """tqdm in a terminal; Ray's tqdm_ray inside Ray workers, which draws one bar per worker on the driver."""
+    """tqdm in a terminal; Ray's tqdm_ray inside Ray workers, which draws one bar per worker on the driver.
+
+    Data-parallel ranks train in lockstep, so only rank 0 draws: one bar per run, not one per worker.
+    """
+    if not is_primary():
+        return tqdm(total=total, initial=done, disable=True)
     if os.environ.get("LTD_PROGRESS") == "ray":
         from ray.experimental.tqdm_ray import tqdm as tqdm_ray
 
