@@ -31,10 +31,9 @@ from trainer.experts import (
     diversity_temperature,
     expert_weight,
     frequency_groups,
-    kd_per_image,
     router_targets,
 )
-from trainer.losses import build_loss
+from trainer.losses import build_loss, kd_per_image
 from trainer.metrics import summarize
 from trainer.models import Classifier, build_classifier
 from trainer.stages import RunContext, _headline, evaluate
@@ -332,7 +331,8 @@ def train_lfme(ctx: RunContext, report: dict) -> Classifier:
                 continue
             with torch.no_grad():
                 teacher = state.experts[k](batch.images[mask])
-            kd[mask] = state.expert_weights[k] * kd_per_image(logits[mask][:, classes], teacher, s3.temperature)
+            soft = F.softmax(teacher / s3.temperature, dim=1)
+            kd[mask] = state.expert_weights[k] * kd_per_image(logits[mask][:, classes], soft, s3.temperature)
         weights = curriculum_weights(ranks[batch.ids], progress, ex.lfme_curriculum_start, ex.lfme_curriculum_end)
         per_image = s3.hard_weight * ce + s3.soft_weight * kd
         loss = (weights * per_image).sum() / weights.sum().clamp(min=1.0)

@@ -301,13 +301,6 @@ def curriculum_weights(ranks: torch.Tensor, progress: float, start: float, end: 
     return (ranks < included_fraction(progress, start, end)).float()
 
 
-def kd_per_image(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N,) T² · KL(softmax(t/T) ‖ softmax(s/T)) per image (the batch mean of it is trainer.losses.kd_loss)."""
-    log_p = F.log_softmax(student_logits / temperature, dim=1)
-    q = F.softmax(teacher_logits / temperature, dim=1)
-    return F.kl_div(log_p, q, reduction="none").sum(1) * temperature**2
-
-
 # ---------------------------------------------------------------------------------------------- test-time averaging
 
 

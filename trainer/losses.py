@@ -119,14 +119,18 @@ def softmax_eql_loss(
                            weight=None if weight is None else weight.to(logits))
 
 
-def kd_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · mean_i KL(q_i ‖ softmax(s_i/T)), q = stored softmax(teacher/T) rows (SSD eq. 3-4, Hinton et al.).
+def kd_per_image(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N,) T² · KL(q_i ‖ softmax(s_i/T)), q = softmax(teacher/T) rows: per image, for losses that weight images.
 
     F.kl_div uses xlogy semantics, so exact zeros in q (top-k sparse labels) contribute 0, not NaN.
     """
     log_probs = F.log_softmax(student_logits / temperature, dim=1)
-    kl = F.kl_div(log_probs, soft_targets.to(log_probs), reduction="batchmean")
-    return kl * temperature**2
+    return F.kl_div(log_probs, soft_targets.to(log_probs), reduction="none").sum(1) * temperature**2
+
+
+def kd_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · mean_i KL(q_i ‖ softmax(s_i/T)), q = stored softmax(teacher/T) rows (SSD eq. 3-4, Hinton et al.)."""
+    return kd_per_image(student_logits, soft_targets, temperature).mean()
 
 
 class LongTailLoss(nn.Module):

@@ -26,12 +26,11 @@ from trainer.experts import (
     expert_weight,
     frequency_groups,
     included_fraction,
-    kd_per_image,
     route,
     router_targets,
     share_cut,
 )
-from trainer.losses import kd_loss
+from trainer.losses import kd_loss, kd_per_image
 from trainer.models import build_backbone
 
 
@@ -137,11 +136,16 @@ def test_curriculum_goes_from_easy_to_all():
     assert curriculum_weights(ranks, 0.5, 0.5, 0.5).tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
-def test_kd_per_image_averages_to_kd_loss():
-    g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-    assert kd_per_image(s, t, 2.0).mean().item() == pytest.approx(
-        kd_loss(s, torch.softmax(t / 2.0, 1), 2.0).item(), rel=1e-5)
+def test_kd_per_image_is_the_hand_computed_kl_and_averages_to_kd_loss():
+    s, t = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    q = torch.softmax(t / 2.0, 1)
+    # row 0: q = (1/2, 1/2), p = softmax(1, 0); KL = Σ q log(q/p), times T² = 4
+    p0 = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    expected0 = 4 * float((0.5 * torch.log(0.5 / p0)).sum())
+    per_image = kd_per_image(s, q, 2.0)
+    assert per_image[0].item() == pytest.approx(expected0, rel=1e-5)
+    assert per_image[1].item() > 0  # row 1: uniform student against a confident teacher
+    assert kd_loss(s, q, 2.0).item() == pytest.approx(per_image.mean().item(), rel=1e-6)
 
 
 def test_disagreement_counts():
