@@ -14,6 +14,19 @@ from torchvision.transforms.v2 import functional as TF
 # seed gives the same views on CPU and GPU. generator=None falls back to torch's default CPU generator.
 
 
+def to_device(values: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Move a small CPU tensor of random parameters to `device` without stalling the GPU queue.
+
+    A plain `.to("cuda")` from pageable memory waits for every queued kernel (a host sync per batch); a pinned copy
+    with non_blocking=True is ordered on the stream like a kernel, so the next batch is prepared while this one runs.
+    """
+    if dtype is not None:
+        values = values.to(dtype)
+    if device.type != "cuda" or values.device.type != "cpu":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
     return torch.empty(n).uniform_(low, high, generator=generator)
 
@@ -45,7 +58,7 @@ def apply_crop_flip(images: torch.Tensor, params: torch.Tensor, padding: int) ->
     """Replay crop+flip parameters from `sample_crop_flip` exactly; (N, C, H, W) -> same shape/dtype."""
     n, c, h, w = images.shape
     device = images.device
-    params = params.to(device)
+    params = to_device(params, device)
     offsets, flips = params[:, :2], params[:, 2].bool()
     padded = F.pad(images, (padding, padding, padding, padding))
     # Pad once, then two gathers with per-image row/column indices: the crop window is a shifted index range and the
@@ -133,9 +146,9 @@ def apply_resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.T
     """
     n = images.shape[0]
     index = torch.arange(n, device=images.device, dtype=images.dtype)[:, None]
-    rois = torch.cat([index, boxes.to(device=images.device, dtype=images.dtype)], 1)
+    rois = torch.cat([index, to_device(boxes, images.device, images.dtype)], 1)
     out = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    return torch.where(flips.to(images.device)[:, None, None, None], out.flip(-1), out)
+    return torch.where(to_device(flips, images.device)[:, None, None, None], out.flip(-1), out)
 
 
 def sample_jitter_factors(
@@ -199,7 +212,7 @@ def apply_color_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Ten
     we keep the fixed order b, c, s, h (a documented difference: a per-image order would need a loop or 24 branches).
     For C=1 images saturation and hue are skipped, as torchvision does for grayscale inputs.
     """
-    factors = factors.to(device=images.device, dtype=images.dtype)
+    factors = to_device(factors, images.device, images.dtype)
     out = (images * factors[:, 0, None, None, None]).clamp(0, 1)
     out = _blend(out, _grayscale(out).mean((-3, -2, -1), keepdim=True), factors[:, 1])
     if images.shape[1] == 3:
@@ -228,7 +241,7 @@ def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator 
     """RandomGrayscale(p) per image: chosen RGB images become their luma in all 3 channels; C=1 is returned as is."""
     if images.shape[1] == 1:
         return images
-    chosen = _bernoulli(images.shape[0], p, generator).to(images.device)
+    chosen = to_device(_bernoulli(images.shape[0], p, generator), images.device)
     return torch.where(chosen[:, None, None, None], TF.rgb_to_grayscale(images, num_output_channels=3), images)
 
 

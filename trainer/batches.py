@@ -81,7 +81,7 @@ class DeviceBatches:
             order = epoch_indices(self.labels_cpu, self.sampler, progress, generator)
         if self.shard is not None:
             order, generator = shard_epoch(order, generator, *self.shard)
-        order = order.to(self.images.device)
+        order = augment.to_device(order, self.images.device)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             if self.drop_last and len(idx) < self.batch_size:
@@ -92,7 +92,8 @@ class DeviceBatches:
         raw = self.images[idx]
         view, views = raw, None
         if self.view_params is not None:
-            views = torch.randint(0, self.view_params.shape[1], (len(idx),), generator=generator).to(idx.device)
+            views = augment.to_device(torch.randint(0, self.view_params.shape[1], (len(idx),), generator=generator),
+                                      idx.device)
             view = augment.apply_crop_flip(raw, self.view_params[idx, views], self.augment_cfg.crop_padding)
         elif self.augment_cfg is not None:
             view = augment.random_crop_flip(raw, self.augment_cfg.crop_padding, self.augment_cfg.flip, generator)
