@@ -43,9 +43,10 @@ def load_data() -> LongTailData:
         return load_dataset(DataConfig(name="synthetic", imbalance_factor=IMBALANCE_FACTOR))
 
 
-def context(data: LongTailData, device: torch.device) -> RunContext:
+def context(data: LongTailData, device: torch.device, compile_mode: str = "none") -> RunContext:
     """An SSD run context with the paper's ResNet-32 (stage objectives read model, MoCo and KD settings from it)."""
-    cfg = RunConfig(method="ssd", model={"arch": ARCH}, out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
+    cfg = RunConfig(method="ssd", model={"arch": ARCH}, compile=compile_mode,
+                    out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
     return RunContext(cfg, data, device, cfg.out_dir)
 
 
@@ -172,36 +173,42 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
 
     Best, not mean, as timeit does: on a shared machine other work only ever slows a run down (on 2 busy cores a
     2-thread OpenMP step can stall many times over), so the fastest run is the closest to what the code costs.
+    With --compile, "ours" is the compiled step and "ours_eager" the same pipeline without it, so the row separates
+    what the input pipeline gives from what compiling gives; the baseline is always the plain eager loop.
     """
-    ours, base = [], []
+    runs: dict[str, list[float]] = {"ours": [], "baseline": []}
+    if args.compile != "none":
+        runs["ours_eager"] = []
     source = soft_label_source(data) if stage == "III" else None
     for _ in range(args.rounds):
-        for side in ("ours", "baseline"):
-            ctx = context(data, device)
+        for side in runs:
+            ctx = context(data, device, args.compile if side == "ours" else "none")
             if stage == "I":
                 parts, loss_fn = stage1_objective(ctx)
-            elif side == "ours":
+            elif side != "baseline":
                 parts, loss_fn = distill_objective(ctx, TableTargets(source, len(data.train), device))
             else:
                 parts, loss_fn = distill_objective(ctx, lambda b: b.soft)
-            if side == "ours":
+            if side != "baseline":
                 stream = device_stream(data, device, args.batch_size, key_view=stage == "I")
             else:
                 soft_cpu = TableTargets(source, len(data.train), torch.device("cpu")).table if source else None
                 stream = loader_stream(data, device, args.batch_size, workers, stage == "I", args.baseline_transforms,
                                        soft_cpu)
             img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device)
-            (ours if side == "ours" else base).append(img_s)
-            log.info("stage %s %-8s %8.1f img/s", stage, side, img_s)
-    ours_img_s, base_img_s = max(ours), max(base)
+            runs[side].append(img_s)
+            log.info("stage %s %-10s %8.1f img/s", stage, side, img_s)
+    ours_img_s, base_img_s = max(runs["ours"]), max(runs["baseline"])
+    eager = {"eager_img_s": round(max(runs["ours_eager"]), 1)} if "ours_eager" in runs else {}
     return {
         "stage": stage, "ours_img_s": round(ours_img_s, 1), "baseline_img_s": round(base_img_s, 1),
-        "ratio": round(ours_img_s / base_img_s, 3), "device": device.type, "batch_size": args.batch_size,
+        "ratio": round(ours_img_s / base_img_s, 3), "compile": args.compile, **eager,
+        "device": device.type, "batch_size": args.batch_size,
         "steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
         "dataset": "cifar10_lt" if data.name == "cifar10_npz" else f"{data.name}_lt",
         "imbalance_factor": IMBALANCE_FACTOR, "num_train": len(data.train), "baseline_workers": workers,
         "baseline_transforms": args.baseline_transforms,
-        "ours_runs": [round(x, 1) for x in ours], "baseline_runs": [round(x, 1) for x in base],
+        **{f"{side}_runs": [round(x, 1) for x in values] for side, values in runs.items()},
     }
 
 
@@ -218,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, one per core); 1 is steadier on a busy machine")
     parser.add_argument("--stages", default="I,III", help="Comma-separated stages to run")
+    parser.add_argument("--compile", choices=("none", "default", "reduce-overhead"), default="none",
+                        help="torch.compile our step (RunConfig.compile); the eager pipeline is then measured too")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     gpu = args.device != "cpu" and torch.cuda.is_available()

@@ -216,6 +216,9 @@ class RunConfig(Frozen):
     distributed: DistributedConfig = DistributedConfig()
     seed: int = Field(0, description="Seed of model init, sampling and augmentation")
     device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
+    compile: Literal["none", "default", "reduce-overhead"] = Field(
+        "none", description="torch.compile the stage I and III networks; 'reduce-overhead' adds CUDA graphs on a GPU, "
+        "where a small net's step is bound by kernel launches (bench/README.md)")
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end)")
     out_dir: Path = Field(Path("runs/default"), description="Run folder: config, checkpoints, metrics, plots")
 
@@ -245,6 +248,8 @@ class RunConfig(Frozen):
                 f"stage2.method={self.stage2.method} re-scales a linear head, but stage1.loss.name=ldam trains a "
                 "cosine head: use stage2.method=crt or ncm, or another stage-I loss"
             )
+        if self.compile != "none" and self.distributed.num_workers > 1:
+            raise ValueError("compile with distributed.num_workers > 1 is not supported yet: set compile=none")
         if self.method == "experts_ta" and self.experts.share not in (None, "none"):
             raise ValueError(f"experts_ta trains its experts one after another, so they cannot share layers "
                              f"(experts.share={self.experts.share}): drop experts.share or set it to none")

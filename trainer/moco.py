@@ -83,6 +83,15 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(keys, dim=1))
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._key_path = (self.encode_keys,)  # a tuple, so a compiled wrapper is never registered (see compile_keys)
+
+    def encode_keys(self, key_images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised keys of the momentum encoder and projector."""
+        return F.normalize(self.key_projector(self.key_encoder(key_images)), dim=1)
+
+    def compile_keys(self, wrap) -> None:
+        """Route the key path through `wrap(encode_keys)` (e.g. engine.compiled) without touching the state_dict."""
+        self._key_path = (wrap(self.encode_keys),)
 
     @property
     def encoder(self) -> nn.Module:
@@ -123,7 +132,7 @@ class MoCo(nn.Module):
         q = F.normalize(self.projector(query_features), dim=1)
         with torch.no_grad():
             self.momentum_update()
-            k = F.normalize(self.key_projector(self.key_encoder(key_images)), dim=1)
+            k = self._key_path[0](key_images)
         # A copy, because enqueue() overwrites the queue in place while autograd still needs it for q's gradient.
         queue = self.queue.clone()
         loss = label_aware_info_nce(q, k, queue, self.queue_labels, labels, self.temperature, self.label_aware)

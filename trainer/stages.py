@@ -18,7 +18,7 @@ from trainer.classifiers import LWSClassifier, NCMClassifier, TauNormClassifier,
 from trainer.config import RunConfig, dump_config
 from trainer.datasets import LongTailData, load_dataset
 from trainer.distributed import current_shard
-from trainer.engine import LossFn, fit, predict
+from trainer.engine import LossFn, compiled, fit, predict
 from trainer.losses import build_loss, kd_loss
 from trainer.metrics import summarize
 from trainer.models import Classifier, TwoHeadStudent, build_backbone, build_classifier
@@ -100,9 +100,12 @@ def stage1_objective(ctx: RunContext) -> tuple[nn.ModuleDict, LossFn]:
                              label_aware=cfg.moco.label_aware)
     parts.to(ctx.device)
     criterion = build_loss(cfg.loss, torch.as_tensor(data.class_counts)).to(ctx.device)
+    backbone = compiled(model.backbone, ctx.cfg.compile)
+    if use_moco:
+        parts["moco"].compile_keys(lambda fn: compiled(fn, ctx.cfg.compile))
 
     def loss_fn(batch, progress):
-        features = model.backbone(batch.images)
+        features = backbone(batch.images)
         ce = criterion(model.head(features), batch.labels, progress)
         if not use_moco:
             return ce, {}
@@ -241,9 +244,10 @@ def distill_objective(ctx: RunContext, targets) -> tuple[TwoHeadStudent, LossFn]
     cfg, data = ctx.cfg.stage3, ctx.data
     torch.manual_seed(ctx.cfg.seed + 3)
     student = TwoHeadStudent(build_backbone(ctx.cfg.model.arch, data.in_channels), data.num_classes).to(ctx.device)
+    forward = compiled(student, ctx.cfg.compile)
 
     def loss_fn(batch, progress):
-        hard_logits, soft_logits = student(batch.images)
+        hard_logits, soft_logits = forward(batch.images)
         hard = F.cross_entropy(hard_logits, batch.labels)
         soft = kd_loss(soft_logits, targets(batch), cfg.temperature)
         return cfg.hard_weight * hard + cfg.soft_weight * soft, {"hard": hard.detach(), "kd": soft.detach()}
