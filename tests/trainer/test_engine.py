@@ -1,5 +1,7 @@
 """The one training loop: LR schedule values, and an interrupted run resumes to the same weights as an unbroken one."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,3 +65,51 @@ def test_checkpoint_of_another_dataset_is_refused(tmp_path, tiny_lt):
     run(tmp_path, tiny_lt)
     with pytest.raises(CheckpointMismatchError, match="fingerprint"):
         run(tmp_path, tiny_lt, meta={"fingerprint": "b"})
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_stage_objectives_train_like_eager(tiny_lt, tmp_path):
+    """compile=default runs the same stage I (MoCo) and III steps as eager: same losses, same weights after 3 steps."""
+    from trainer.config import RunConfig
+    from trainer.soft_targets import InMemorySoftLabels, TableTargets
+    from trainer.stages import RunContext, distill_objective, stage1_objective
+
+    def train(mode, stage):
+        cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, compile=mode, stage1={"moco": {"queue_size": 64}})
+        ctx = RunContext(cfg, tiny_lt, torch.device("cpu"), tmp_path)
+        if stage == "I":
+            model, loss_fn = stage1_objective(ctx)
+        else:
+            logits = torch.randn(len(tiny_lt.train), tiny_lt.num_classes, generator=torch.Generator().manual_seed(0))
+            targets = TableTargets(InMemorySoftLabels(logits, 2.0), len(tiny_lt.train), torch.device("cpu"))
+            model, loss_fn = distill_objective(ctx, targets)
+        batches = Window(DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, torch.device("cpu"), 32,
+                                       AugmentConfig(), key_view=stage == "I"), steps=3)
+        history = fit(stage=stage, model=model, loss_fn=loss_fn, batches=batches,
+                      optim=OptimConfig(epochs=1, warmup_epochs=0), generator=torch.Generator().manual_seed(0),
+                      checkpoint=tmp_path / f"{mode}{stage}.pt", meta={})
+        return history[0]["loss"], model.state_dict()
+
+    from torch._dynamo.utils import counters
+
+    for stage in ("I", "III"):
+        graphs = counters["stats"]["unique_graphs"]
+        (eager_loss, eager_state), (compiled_loss, compiled_state) = train("none", stage), train("default", stage)
+        assert counters["stats"]["unique_graphs"] > graphs  # the compiled run did go through torch.compile
+        assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
+        assert eager_state.keys() == compiled_state.keys()  # compiling leaves checkpoints loadable either way
+        for key, value in eager_state.items():
+            torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-4)
+
+
+class Window:
+    """The first `steps` batches of one epoch of `batches`."""
+
+    def __init__(self, batches, steps):
+        self.batches, self.steps = batches, steps
+
+    def epoch(self, progress=0.0, generator=None):
+        for i, batch in enumerate(self.batches.epoch(progress, generator)):
+            if i == self.steps:
+                return
+            yield batch
