@@ -39,6 +39,8 @@ def test_method_sets_stage_defaults_and_overrides_win():
         (["stage1.optim.milestones=[160, 180]"], "fractions"),
         (["stage1"], "key.path=value"),
         (["method=lws", "stage1.loss.name=ldam"], "cosine head"),
+        (["compile=reduce-overhead", "distributed.num_workers=2"], "compile=none"),
+        (["compile=max-speed"], "reduce-overhead"),
     ],
 )
 def test_bad_configs_say_what_to_fix(overrides, message):
