@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.distributed import all_gather_rows
+from trainer.engine import compiled
 
 
 def label_aware_info_nce(
@@ -91,9 +92,9 @@ class MoCo(nn.Module):
         """L2-normalised keys of the momentum encoder and projector."""
         return F.normalize(self.key_projector(self.key_encoder(key_images)), dim=1)
 
-    def compile_keys(self, wrap) -> None:
-        """Route the key path through `wrap(encode_keys)` (e.g. engine.compiled) without touching the state_dict."""
-        self._key_path = (wrap(self.encode_keys),)
+    def compile_keys(self, mode: str) -> None:
+        """Run the key path through torch.compile (engine.compiled) without touching the state_dict."""
+        self._key_path = (compiled(self.encode_keys, mode),)
 
     @property
     def encoder(self) -> nn.Module:

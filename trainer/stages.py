@@ -18,7 +18,7 @@ from trainer.classifiers import LWSClassifier, NCMClassifier, TauNormClassifier,
 from trainer.config import RunConfig, dump_config
 from trainer.datasets import LongTailData, load_dataset
 from trainer.distributed import current_shard
-from trainer.engine import LossFn, compiled, fit, predict
+from trainer.engine import LossFn, begin_compiled_step, compiled, fit, predict
 from trainer.losses import build_loss, kd_loss
 from trainer.metrics import summarize
 from trainer.models import Classifier, TwoHeadStudent, build_backbone, build_classifier
@@ -102,9 +102,10 @@ def stage1_objective(ctx: RunContext) -> tuple[nn.ModuleDict, LossFn]:
     criterion = build_loss(cfg.loss, torch.as_tensor(data.class_counts)).to(ctx.device)
     backbone = compiled(model.backbone, ctx.cfg.compile)
     if use_moco:
-        parts["moco"].compile_keys(lambda fn: compiled(fn, ctx.cfg.compile))
+        parts["moco"].compile_keys(ctx.cfg.compile)
 
     def loss_fn(batch, progress):
+        begin_compiled_step(ctx.cfg.compile)
         features = backbone(batch.images)
         ce = criterion(model.head(features), batch.labels, progress)
         if not use_moco:
@@ -247,6 +248,7 @@ def distill_objective(ctx: RunContext, targets) -> tuple[TwoHeadStudent, LossFn]
     forward = compiled(student, ctx.cfg.compile)
 
     def loss_fn(batch, progress):
+        begin_compiled_step(ctx.cfg.compile)
         hard_logits, soft_logits = forward(batch.images)
         hard = F.cross_entropy(hard_logits, batch.labels)
         soft = kd_loss(soft_logits, targets(batch), cfg.temperature)

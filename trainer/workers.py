@@ -219,7 +219,6 @@ def _train_loop_per_worker(config: dict) -> None:
     discarded). Every epoch goes through ray.train.report with rank 0's checkpoint, and a restarted group resumes
     from ray.train.get_checkpoint().
     """
-    import json
     import shutil
     import signal
     import tempfile
@@ -305,6 +304,4 @@ def train_distributed(cfg: RunConfig, labelset: tuple[str, str] | None = None, *
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        import json
-
         return json.loads((Path(folder) / RESULT_FILE).read_text())
