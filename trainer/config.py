@@ -153,7 +153,10 @@ class Stage3Config(Frozen):
 
 
 class Stage4Config(Frozen):
-    enabled: bool = Field(True, description="Re-balance the soft head with LWS after distillation")
+    enabled: bool = Field(True, description="Re-balance a student head with LWS after distillation")
+    head: Literal["hard", "soft"] = Field(
+        "hard", description="Which head LWS re-balances on the distilled backbone; the other is dropped. 'hard': what "
+        "the official stage-IV loader does (it maps the hard head into the LWS fc); 'soft': the paper's wording")
     optim: HeadOptimConfig = HeadOptimConfig()
     sampler: SamplerKind = Field("class", description=SAMPLER_HELP)
 

@@ -52,6 +52,22 @@ def test_saved_models_rebuild_and_predict_the_same(tiny_lt, tmp_path):
     assert spec.role == "teacher" and evaluate(ctx, teacher)["overall"] == report["stages"]["II"]["overall"]
 
 
+@pytest.mark.parametrize("head", ["hard", "soft"])
+def test_stage4_rebalances_the_configured_student_head(head, tiny_lt, tmp_path):
+    """The served model is the distilled backbone + LWS over the chosen head's frozen weights."""
+    import torch
+
+    from trainer.export import load_model
+
+    cfg = load_config(None, [*TINY, f"stage4.head={head}", f"out_dir={tmp_path}"])
+    run_pipeline(cfg, data=tiny_lt)
+    student = torch.load(tmp_path / "stage3" / "checkpoint.pt", weights_only=True)["model"]
+    final, spec = load_model(tmp_path / "model.pt")
+    assert spec.head == "lws"
+    assert torch.equal(final.head.weight, student[f"{head}_head.weight"])
+    assert torch.equal(final.backbone.conv1.weight, student["backbone.conv1.weight"])
+
+
 def test_stage3_is_evaluated_in_eval_mode(tiny_lt, tmp_path):
     """Regression: a train-mode student would normalise class-sorted test batches with their own statistics."""
     from trainer.export import load_model
