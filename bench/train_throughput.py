@@ -43,9 +43,10 @@ def load_data() -> LongTailData:
         return load_dataset(DataConfig(name="synthetic", imbalance_factor=IMBALANCE_FACTOR))
 
 
-def context(data: LongTailData, device: torch.device, compile_mode: str = "none") -> RunContext:
+def context(data: LongTailData, device: torch.device, compile_mode: str = "none",
+            precision: str = "fp32") -> RunContext:
     """An SSD run context with the paper's ResNet-32 (stage objectives read model, MoCo and KD settings from it)."""
-    cfg = RunConfig(method="ssd", model={"arch": ARCH}, compile=compile_mode,
+    cfg = RunConfig(method="ssd", model={"arch": ARCH}, compile=compile_mode, precision=precision,
                     out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
     return RunContext(cfg, data, device, cfg.out_dir)
 
@@ -155,14 +156,14 @@ class Window:
 
 
 def measure(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
-            device: torch.device) -> float:
+            device: torch.device, precision: str = "fp32") -> float:
     """Images/s over `steps` training steps after `warmup` untimed ones, through engine.fit (SGD, zero_grad, step)."""
     optim = OptimConfig(epochs=2, warmup_epochs=0, batch_size=1)  # lr schedule and batch_size do not affect timing
     try:
         with tempfile.TemporaryDirectory() as tmp:
             history = fit(stage=stage, model=parts, loss_fn=loss_fn, batches=Window(stream, warmup, steps, device),
                           optim=optim, generator=torch.Generator().manual_seed(0),
-                          checkpoint=Path(tmp) / "checkpoint.pt", meta={})
+                          checkpoint=Path(tmp) / "checkpoint.pt", meta={}, precision=precision)
     finally:
         stream.close()  # stops the DataLoader's workers
     return history[1]["img_s"]
@@ -173,16 +174,19 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
 
     Best, not mean, as timeit does: on a shared machine other work only ever slows a run down (on 2 busy cores a
     2-thread OpenMP step can stall many times over), so the fastest run is the closest to what the code costs.
-    With --compile, "ours" is the compiled step and "ours_eager" the same pipeline without it, so the row separates
-    what the input pipeline gives from what compiling gives; the baseline is always the plain eager loop.
+    With --compile or --precision bf16, "ours" is that step and "ours_eager" the same pipeline in fp32 eager, so the
+    row separates what the input pipeline gives from what compiling and bf16 give; the baseline is always the plain
+    fp32 eager loop.
     """
     runs: dict[str, list[float]] = {"ours": [], "baseline": []}
-    if args.compile != "none":
+    tuned = args.compile != "none" or args.precision != "fp32"
+    if tuned:
         runs["ours_eager"] = []
     source = soft_label_source(data) if stage == "III" else None
     for _ in range(args.rounds):
         for side in runs:
-            ctx = context(data, device, args.compile if side == "ours" else "none")
+            ours = side == "ours"
+            ctx = context(data, device, args.compile if ours else "none", args.precision if ours else "fp32")
             if stage == "I":
                 parts, loss_fn = stage1_objective(ctx)
             elif side != "baseline":
@@ -195,14 +199,14 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
                 soft_cpu = TableTargets(source, len(data.train), torch.device("cpu")).table if source else None
                 stream = loader_stream(data, device, args.batch_size, workers, stage == "I", args.baseline_transforms,
                                        soft_cpu)
-            img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device)
+            img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device, ctx.cfg.precision)
             runs[side].append(img_s)
             log.info("stage %s %-10s %8.1f img/s", stage, side, img_s)
     ours_img_s, base_img_s = max(runs["ours"]), max(runs["baseline"])
     eager = {"eager_img_s": round(max(runs["ours_eager"]), 1)} if "ours_eager" in runs else {}
     return {
         "stage": stage, "ours_img_s": round(ours_img_s, 1), "baseline_img_s": round(base_img_s, 1),
-        "ratio": round(ours_img_s / base_img_s, 3), "compile": args.compile, **eager,
+        "ratio": round(ours_img_s / base_img_s, 3), "compile": args.compile, "precision": args.precision, **eager,
         "device": device.type, "batch_size": args.batch_size,
         "steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
         "dataset": "cifar10_lt" if data.name == "cifar10_npz" else f"{data.name}_lt",
@@ -227,6 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", default="I,III", help="Comma-separated stages to run")
     parser.add_argument("--compile", choices=("none", "default", "reduce-overhead"), default="none",
                         help="torch.compile our step (RunConfig.compile); the eager pipeline is then measured too")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="Our step's forward under bf16 autocast (RunConfig.precision); fp32 eager measured too")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     gpu = args.device != "cpu" and torch.cuda.is_available()
@@ -251,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
              data.name, len(data.train), ARCH, device, torch.get_num_threads(), workers)
     rows = [bench_stage(stage, data, device, args, workers) for stage in args.stages.split(",")]
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
-    name = "train_throughput" if args.compile == "none" else "train_throughput_compile"
+    suffix = ("_compile" if args.compile != "none" else "") + ("_bf16" if args.precision == "bf16" else "")
+    name = "train_throughput" + suffix
     path = write_results("train_throughput", rows, command=command, out_dir=args.out, name=name,
                          extra={"arch": ARCH, "torch_threads": torch.get_num_threads()})
     summary = ", ".join(f"stage {r['stage']} {r['ours_img_s']:.0f} vs {r['baseline_img_s']:.0f} img/s "

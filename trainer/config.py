@@ -222,6 +222,10 @@ class RunConfig(Frozen):
     compile: Literal["none", "default", "reduce-overhead"] = Field(
         "none", description="torch.compile the stage I and III networks; 'reduce-overhead' adds CUDA graphs on a GPU, "
         "where a small net's step is bound by kernel launches (bench/README.md)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: training forward passes under bfloat16 autocast (weights, optimizer state, BatchNorm "
+        "statistics and losses stay fp32; evaluation and soft labels run in fp32), for GPUs where the step is "
+        "compute-bound")
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end)")
     out_dir: Path = Field(Path("runs/default"), description="Run folder: config, checkpoints, metrics, plots")
 

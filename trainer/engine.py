@@ -68,6 +68,11 @@ def begin_compiled_step(mode: str) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+def autocast(precision: str, device: torch.device):
+    """bfloat16 autocast on `device` for precision 'bf16' (no loss scaling needed: bf16 keeps fp32's range)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def fit(
     *,
     stage: str,
@@ -80,6 +85,7 @@ def fit(
     meta: dict,
     set_mode: Callable[[], None] | None = None,
     on_epoch_end: Callable[[int], dict] | None = None,
+    precision: str = "fp32",
 ) -> list[dict]:
     """Train `model`'s trainable parameters for `optim.epochs`, checkpointing every epoch and resuming from it.
 
@@ -87,8 +93,10 @@ def fit(
     sampler/augmentation generator state is saved too, so a resumed run draws the same batches as an unbroken one.
     Data-parallel (inside a process group, see trainer/distributed.py): rank 0 alone reads and writes the checkpoint
     and hands its state to the other ranks, the loss runs through DDP, and the epoch record sums every rank's images.
+    `precision` 'bf16' runs the loss (the forward passes) under autocast; backward and the SGD step stay outside it.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    mixed = autocast(precision, params[0].device)
     optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     start, history = 0, []
     hooks = worker_hooks()
@@ -112,7 +120,8 @@ def fit(
         totals: dict = {}  # sums stay on the device until the epoch ends: no host sync per step
         seen, tic = 0, time.perf_counter()
         for batch in batches.epoch(progress, generator):
-            loss, parts = step(batch, progress)
+            with mixed:
+                loss, parts = step(batch, progress)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -106,7 +106,7 @@ def train_bbn(ctx: RunContext, report: dict) -> BBNNet:
         return loss, {"alpha": alpha}
 
     fit(stage="bbn", model=net, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim, generator=ctx.generator(1),
-        checkpoint=_checkpoint(ctx, "bbn"), meta=_meta(ctx))
+        checkpoint=_checkpoint(ctx, "bbn"), meta=_meta(ctx), precision=ctx.cfg.precision)
     report["stages"]["I"] = evaluate(ctx, net.eval())
     branches = {}
     for name, alpha in (("conventional", 1.0), ("re_balancing", 0.0)):  # each branch alone, for the report
@@ -151,7 +151,7 @@ def train_ride(ctx: RunContext, report: dict) -> MultiExpertNet:
 
     batches = ctx.batches(data.train, train=True, batch_size=cfg.stage1.optim.batch_size, sampler=cfg.stage1.sampler)
     fit(stage="ride", model=net, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
-        generator=ctx.generator(1), checkpoint=_checkpoint(ctx, "ride"), meta=_meta(ctx))
+        generator=ctx.generator(1), checkpoint=_checkpoint(ctx, "ride"), meta=_meta(ctx), precision=ctx.cfg.precision)
     net.routing = False
     report["stages"]["I"] = {**evaluate(ctx, net.eval()), "experts_used": float(net.n_experts)}
     report["experts"] = {"each": _each_expert(ctx, net)}
@@ -187,7 +187,8 @@ def train_router(ctx: RunContext, net: MultiExpertNet) -> None:
     batches = ctx.batches(ctx.data.train, train=True, batch_size=ex.router_optim.batch_size,
                           sampler=ctx.cfg.stage1.sampler)
     fit(stage="router", model=net, loss_fn=loss_fn, batches=batches, optim=ex.router_optim,
-        generator=ctx.generator(2), checkpoint=_checkpoint(ctx, "router"), meta=_meta(ctx), set_mode=set_mode)
+        generator=ctx.generator(2), checkpoint=_checkpoint(ctx, "router"), meta=_meta(ctx), set_mode=set_mode,
+        precision=ctx.cfg.precision)
 
 
 @torch.no_grad()
@@ -231,7 +232,8 @@ def train_independent_experts(ctx: RunContext, report: dict) -> MultiExpertNet:
         batches = ctx.batches(data.train, train=True, batch_size=cfg.stage1.optim.batch_size,
                               sampler=cfg.stage1.sampler)
         fit(stage=f"expert{i}", model=view, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
-            generator=ctx.generator(10 + i), checkpoint=_checkpoint(ctx, f"expert{i}"), meta=_meta(ctx))
+            generator=ctx.generator(10 + i), checkpoint=_checkpoint(ctx, f"expert{i}"), meta=_meta(ctx),
+            precision=ctx.cfg.precision)
     logits, labels = _expert_logits(ctx, net)
     average = logits.mean(0).argmax(1)
     report["stages"]["I"] = summarize(average, labels, data.class_counts)
@@ -295,7 +297,8 @@ def train_lfme(ctx: RunContext, report: dict) -> Classifier:
 
         batches = ctx.batches(part, train=True, batch_size=cfg.stage1.optim.batch_size, sampler=cfg.stage1.sampler)
         fit(stage=f"lfme_expert{k}", model=expert, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
-            generator=ctx.generator(20 + k), checkpoint=_checkpoint(ctx, f"lfme_expert{k}"), meta=_meta(ctx))
+            generator=ctx.generator(20 + k), checkpoint=_checkpoint(ctx, f"lfme_expert{k}"), meta=_meta(ctx),
+            precision=ctx.cfg.precision)
         experts.append(expert.eval())
         expert_acc.append(_group_accuracy(ctx, expert, expert, subset(check, classes), classes))
         expert_test.append(100 * _group_accuracy(ctx, expert, expert, subset(data.test, classes), classes))
@@ -356,7 +359,7 @@ def train_lfme(ctx: RunContext, report: dict) -> Classifier:
     batches = ctx.batches(data.train, train=True, batch_size=s3.optim.batch_size, sampler=s3.sampler)
     fit(stage="lfme_student", model=state, loss_fn=loss_fn, batches=batches, optim=s3.optim,
         generator=ctx.generator(3), checkpoint=_checkpoint(ctx, "lfme_student"), meta=_meta(ctx), set_mode=set_mode,
-        on_epoch_end=select_experts)
+        on_epoch_end=select_experts, precision=ctx.cfg.precision)
     report["stages"]["III"] = evaluate(ctx, student.eval())
     report["experts"] = {"groups": [g.tolist() for g in groups], "expert_check_accuracy": expert_acc,
                          "expert_test_group_accuracy": expert_test,

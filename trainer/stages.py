@@ -126,7 +126,7 @@ def train_stage1(ctx: RunContext) -> Classifier:
                           key_view="moco" in parts)
     fit(stage="I", model=parts, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(1),
         checkpoint=ctx.out_dir / "stage1" / "checkpoint.pt", meta=ctx.meta("I"),
-        on_epoch_end=_periodic_eval(ctx, model))
+        on_epoch_end=_periodic_eval(ctx, model), precision=ctx.cfg.precision)
     return model
 
 
@@ -181,7 +181,8 @@ def _train_head(ctx: RunContext, stage: str, backbone: nn.Module, head: nn.Modul
     batches = ctx.batches(ctx.data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler)
     salt = STAGE_SALT[stage]
     fit(stage=stage, model=head, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(salt),
-        checkpoint=ctx.out_dir / f"stage{salt}" / "checkpoint.pt", meta=ctx.meta(stage), set_mode=set_mode)
+        checkpoint=ctx.out_dir / f"stage{salt}" / "checkpoint.pt", meta=ctx.meta(stage), set_mode=set_mode,
+        precision=ctx.cfg.precision)
 
 
 def teacher_logits(ctx: RunContext, teacher: nn.Module) -> torch.Tensor:
@@ -237,7 +238,7 @@ def distill(ctx: RunContext, source) -> TwoHeadStudent:
                           view_records=view_records)
     fit(stage="III", model=student, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(3),
         checkpoint=ctx.out_dir / "stage3" / "checkpoint.pt", meta=ctx.meta("III"),
-        on_epoch_end=_periodic_eval(ctx, student, lambda x: student(x)[1]))
+        on_epoch_end=_periodic_eval(ctx, student, lambda x: student(x)[1]), precision=ctx.cfg.precision)
     return student
 
 

@@ -102,6 +102,34 @@ def test_compiled_stage_objectives_train_like_eager(tiny_lt, tmp_path):
             torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-4)
 
 
+def test_bf16_runs_the_forward_in_bfloat16_and_keeps_fp32_weights(tiny_lt, tmp_path):
+    """precision=bf16: stage I's convolutions (query and MoCo key path) compute in bf16, while weights, BatchNorm
+    statistics, the MoCo queue and the recorded loss stay fp32 and near the fp32 run's."""
+    from trainer.config import RunConfig
+    from trainer.stages import RunContext, stage1_objective
+
+    def train(precision):
+        cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, precision=precision,
+                        stage1={"moco": {"queue_size": 64}})
+        model, loss_fn = stage1_objective(RunContext(cfg, tiny_lt, torch.device("cpu"), tmp_path))
+        conv_dtypes = set()
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.register_forward_hook(lambda m, args, out: conv_dtypes.add(out.dtype))
+        batches = Window(DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, torch.device("cpu"), 32,
+                                       AugmentConfig(), key_view=True), steps=2)
+        history = fit(stage="I", model=model, loss_fn=loss_fn, batches=batches,
+                      optim=OptimConfig(epochs=1, warmup_epochs=0), generator=torch.Generator().manual_seed(0),
+                      checkpoint=tmp_path / f"{precision}.pt", meta={}, precision=cfg.precision)
+        return history[0]["loss"], conv_dtypes, model.state_dict()
+
+    loss32, dtypes32, state32 = train("fp32")
+    loss16, dtypes16, state16 = train("bf16")
+    assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16}
+    assert {v.dtype for v in state16.values() if v.is_floating_point()} == {torch.float32}
+    assert loss16 == pytest.approx(loss32, rel=0.05) and loss16 != loss32
+
+
 class Window:
     """The first `steps` batches of one epoch of `batches`."""
 
