@@ -68,11 +68,6 @@ def begin_compiled_step(mode: str) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def autocast(precision: str, device: torch.device):
-    """bfloat16 autocast on `device` for precision 'bf16' (no loss scaling needed: bf16 keeps fp32's range)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def fit(
     *,
     stage: str,
@@ -93,10 +88,11 @@ def fit(
     sampler/augmentation generator state is saved too, so a resumed run draws the same batches as an unbroken one.
     Data-parallel (inside a process group, see trainer/distributed.py): rank 0 alone reads and writes the checkpoint
     and hands its state to the other ranks, the loss runs through DDP, and the epoch record sums every rank's images.
-    `precision` 'bf16' runs the loss (the forward passes) under autocast; backward and the SGD step stay outside it.
+    `precision` 'bf16' runs the loss (the forward passes) under bfloat16 autocast; backward and the SGD step stay
+    outside it, and bf16 keeps fp32's range, so no loss scaling is needed.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    mixed = autocast(precision, params[0].device)
+    mixed = torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     start, history = 0, []
     hooks = worker_hooks()

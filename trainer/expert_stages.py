@@ -17,7 +17,7 @@ from torch import nn
 
 from trainer.batches import Batch
 from trainer.datasets import ImageSet
-from trainer.engine import fit, predict
+from trainer.engine import predict
 from trainer.experts import (
     BBNNet,
     ExpertView,
@@ -105,8 +105,8 @@ def train_bbn(ctx: RunContext, report: dict) -> BBNNet:
                         lambda z, y: criterion(z, y, progress))
         return loss, {"alpha": alpha}
 
-    fit(stage="bbn", model=net, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim, generator=ctx.generator(1),
-        checkpoint=_checkpoint(ctx, "bbn"), meta=_meta(ctx), precision=ctx.cfg.precision)
+    ctx.fit(stage="bbn", model=net, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
+            generator=ctx.generator(1), checkpoint=_checkpoint(ctx, "bbn"), meta=_meta(ctx))
     report["stages"]["I"] = evaluate(ctx, net.eval())
     branches = {}
     for name, alpha in (("conventional", 1.0), ("re_balancing", 0.0)):  # each branch alone, for the report
@@ -150,8 +150,8 @@ def train_ride(ctx: RunContext, report: dict) -> MultiExpertNet:
         return loss, {"individual": individual.detach(), "diversity": diversity.detach()}
 
     batches = ctx.batches(data.train, train=True, batch_size=cfg.stage1.optim.batch_size, sampler=cfg.stage1.sampler)
-    fit(stage="ride", model=net, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
-        generator=ctx.generator(1), checkpoint=_checkpoint(ctx, "ride"), meta=_meta(ctx), precision=ctx.cfg.precision)
+    ctx.fit(stage="ride", model=net, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
+        generator=ctx.generator(1), checkpoint=_checkpoint(ctx, "ride"), meta=_meta(ctx))
     net.routing = False
     report["stages"]["I"] = {**evaluate(ctx, net.eval()), "experts_used": float(net.n_experts)}
     report["experts"] = {"each": _each_expert(ctx, net)}
@@ -186,9 +186,8 @@ def train_router(ctx: RunContext, net: MultiExpertNet) -> None:
 
     batches = ctx.batches(ctx.data.train, train=True, batch_size=ex.router_optim.batch_size,
                           sampler=ctx.cfg.stage1.sampler)
-    fit(stage="router", model=net, loss_fn=loss_fn, batches=batches, optim=ex.router_optim,
-        generator=ctx.generator(2), checkpoint=_checkpoint(ctx, "router"), meta=_meta(ctx), set_mode=set_mode,
-        precision=ctx.cfg.precision)
+    ctx.fit(stage="router", model=net, loss_fn=loss_fn, batches=batches, optim=ex.router_optim,
+        generator=ctx.generator(2), checkpoint=_checkpoint(ctx, "router"), meta=_meta(ctx), set_mode=set_mode)
 
 
 @torch.no_grad()
@@ -231,9 +230,8 @@ def train_independent_experts(ctx: RunContext, report: dict) -> MultiExpertNet:
 
         batches = ctx.batches(data.train, train=True, batch_size=cfg.stage1.optim.batch_size,
                               sampler=cfg.stage1.sampler)
-        fit(stage=f"expert{i}", model=view, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
-            generator=ctx.generator(10 + i), checkpoint=_checkpoint(ctx, f"expert{i}"), meta=_meta(ctx),
-            precision=ctx.cfg.precision)
+        ctx.fit(stage=f"expert{i}", model=view, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
+            generator=ctx.generator(10 + i), checkpoint=_checkpoint(ctx, f"expert{i}"), meta=_meta(ctx))
     logits, labels = _expert_logits(ctx, net)
     average = logits.mean(0).argmax(1)
     report["stages"]["I"] = summarize(average, labels, data.class_counts)
@@ -296,9 +294,8 @@ def train_lfme(ctx: RunContext, report: dict) -> Classifier:
             return criterion(expert(batch.images), batch.labels, progress), {}
 
         batches = ctx.batches(part, train=True, batch_size=cfg.stage1.optim.batch_size, sampler=cfg.stage1.sampler)
-        fit(stage=f"lfme_expert{k}", model=expert, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
-            generator=ctx.generator(20 + k), checkpoint=_checkpoint(ctx, f"lfme_expert{k}"), meta=_meta(ctx),
-            precision=ctx.cfg.precision)
+        ctx.fit(stage=f"lfme_expert{k}", model=expert, loss_fn=loss_fn, batches=batches, optim=cfg.stage1.optim,
+            generator=ctx.generator(20 + k), checkpoint=_checkpoint(ctx, f"lfme_expert{k}"), meta=_meta(ctx))
         experts.append(expert.eval())
         expert_acc.append(_group_accuracy(ctx, expert, expert, subset(check, classes), classes))
         expert_test.append(100 * _group_accuracy(ctx, expert, expert, subset(data.test, classes), classes))
@@ -357,9 +354,9 @@ def train_lfme(ctx: RunContext, report: dict) -> Classifier:
         return out
 
     batches = ctx.batches(data.train, train=True, batch_size=s3.optim.batch_size, sampler=s3.sampler)
-    fit(stage="lfme_student", model=state, loss_fn=loss_fn, batches=batches, optim=s3.optim,
+    ctx.fit(stage="lfme_student", model=state, loss_fn=loss_fn, batches=batches, optim=s3.optim,
         generator=ctx.generator(3), checkpoint=_checkpoint(ctx, "lfme_student"), meta=_meta(ctx), set_mode=set_mode,
-        on_epoch_end=select_experts, precision=ctx.cfg.precision)
+        on_epoch_end=select_experts)
     report["stages"]["III"] = evaluate(ctx, student.eval())
     report["experts"] = {"groups": [g.tolist() for g in groups], "expert_check_accuracy": expert_acc,
                          "expert_test_group_accuracy": expert_test,

@@ -49,6 +49,10 @@ class RunContext:
         keep |= {"stage4"} if stage == "IV" else set()
         return {"fingerprint": self.data.fingerprint, "config": self.cfg.model_dump_json(include=keep)}
 
+    def fit(self, **kwargs) -> list[dict]:
+        """engine.fit at this run's precision: every stage trains through here, so none can miss it."""
+        return fit(precision=self.cfg.precision, **kwargs)
+
     def generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 1000 + salt)
 
@@ -124,9 +128,9 @@ def train_stage1(ctx: RunContext) -> Classifier:
     model = parts["model"]
     batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
                           key_view="moco" in parts)
-    fit(stage="I", model=parts, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(1),
+    ctx.fit(stage="I", model=parts, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(1),
         checkpoint=ctx.out_dir / "stage1" / "checkpoint.pt", meta=ctx.meta("I"),
-        on_epoch_end=_periodic_eval(ctx, model), precision=ctx.cfg.precision)
+        on_epoch_end=_periodic_eval(ctx, model))
     return model
 
 
@@ -180,9 +184,8 @@ def _train_head(ctx: RunContext, stage: str, backbone: nn.Module, head: nn.Modul
 
     batches = ctx.batches(ctx.data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler)
     salt = STAGE_SALT[stage]
-    fit(stage=stage, model=head, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(salt),
-        checkpoint=ctx.out_dir / f"stage{salt}" / "checkpoint.pt", meta=ctx.meta(stage), set_mode=set_mode,
-        precision=ctx.cfg.precision)
+    ctx.fit(stage=stage, model=head, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(salt),
+        checkpoint=ctx.out_dir / f"stage{salt}" / "checkpoint.pt", meta=ctx.meta(stage), set_mode=set_mode)
 
 
 def teacher_logits(ctx: RunContext, teacher: nn.Module) -> torch.Tensor:
@@ -236,9 +239,9 @@ def distill(ctx: RunContext, source) -> TwoHeadStudent:
     student, loss_fn = distill_objective(ctx, targets)
     batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
                           view_records=view_records)
-    fit(stage="III", model=student, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(3),
+    ctx.fit(stage="III", model=student, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(3),
         checkpoint=ctx.out_dir / "stage3" / "checkpoint.pt", meta=ctx.meta("III"),
-        on_epoch_end=_periodic_eval(ctx, student, lambda x: student(x)[1]), precision=ctx.cfg.precision)
+        on_epoch_end=_periodic_eval(ctx, student, lambda x: student(x)[1]))
     return student
 
 

@@ -111,16 +111,17 @@ def test_bf16_runs_the_forward_in_bfloat16_and_keeps_fp32_weights(tiny_lt, tmp_p
     def train(precision):
         cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, precision=precision,
                         stage1={"moco": {"queue_size": 64}})
-        model, loss_fn = stage1_objective(RunContext(cfg, tiny_lt, torch.device("cpu"), tmp_path))
+        ctx = RunContext(cfg, tiny_lt, torch.device("cpu"), tmp_path)
+        model, loss_fn = stage1_objective(ctx)
         conv_dtypes = set()
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
                 module.register_forward_hook(lambda m, args, out: conv_dtypes.add(out.dtype))
         batches = Window(DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, torch.device("cpu"), 32,
                                        AugmentConfig(), key_view=True), steps=2)
-        history = fit(stage="I", model=model, loss_fn=loss_fn, batches=batches,
-                      optim=OptimConfig(epochs=1, warmup_epochs=0), generator=torch.Generator().manual_seed(0),
-                      checkpoint=tmp_path / f"{precision}.pt", meta={}, precision=cfg.precision)
+        history = ctx.fit(stage="I", model=model, loss_fn=loss_fn, batches=batches,  # the stages' path to fit
+                          optim=OptimConfig(epochs=1, warmup_epochs=0), generator=torch.Generator().manual_seed(0),
+                          checkpoint=tmp_path / f"{precision}.pt", meta={})
         return history[0]["loss"], conv_dtypes, model.state_dict()
 
     loss32, dtypes32, state32 = train("fp32")
