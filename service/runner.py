@@ -167,16 +167,11 @@ def job_progress(job: JobRecord, store_root: Path) -> dict | None:
 
 def _task_options(kind: str, distributed_workers: int = 1) -> dict:
     """Labels jobs and Ray Train jobs only orchestrate (their actors hold the CPUs); training gets a node's share."""
-    import ray
-
     if kind == "labels" or distributed_workers > 1:
         return {"num_cpus": 0, "num_gpus": 0}
     from trainer.workers import task_resources
 
-    resources = task_resources(parallel=1)
-    # a task must fit on one node: the cluster-wide CPU count can exceed every node's
-    biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    return {**resources, "num_cpus": max(1, min(resources["num_cpus"], int(biggest)))}
+    return task_resources(parallel=1)
 
 
 class JobRunner:

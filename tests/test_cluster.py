@@ -52,3 +52,35 @@ def test_training_and_label_generation_run_on_both_nodes(two_nodes, tmp_path):
     per_node = json.loads(out.stderr.split("label chunks written per node: ")[1].splitlines()[0])
     assert set(per_node) == nodes and sum(per_node.values()) >= 2
     assert "published ssd-t2" in out.stdout
+
+
+def test_share_resources_packs_runs_onto_a_gpu_and_fits_a_node():
+    from trainer.workers import share_resources
+
+    gpu_node = {"GPU": 1.0, "CPU": 16.0}
+    assert share_resources(gpu_node, 16) == {"num_gpus": 1.0, "num_cpus": 16}
+    assert share_resources(gpu_node, 16, runs_per_gpu=4) == {"num_gpus": 0.25, "num_cpus": 4}
+    assert share_resources(gpu_node, 16, runs_per_gpu=3) == {"num_gpus": 0.3333, "num_cpus": 5}
+    assert share_resources({"GPU": 8.0, "CPU": 64.0}, 64, runs_per_gpu=2)["num_cpus"] == 4
+    assert share_resources({"CPU": 8.0}, 8, parallel=3) == {"num_gpus": 0, "num_cpus": 2}
+    assert share_resources({"CPU": 32.0}, 4, parallel=2)["num_cpus"] == 4, "capped at the largest node"
+    with pytest.raises(ValueError, match="runs_per_gpu"):
+        share_resources(gpu_node, 16, runs_per_gpu=0)
+
+
+@pytest.mark.slow
+def test_runs_per_gpu_trains_two_seeds_side_by_side_on_one_gpu(tmp_path):
+    """A one-GPU node (a logical GPU: Ray schedules by it; torch finds no CUDA here and trains on the CPU): with
+    --runs-per-gpu 2 each seed holds half the GPU and the two run at the same time, where one-per-GPU would queue."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+    try:
+        ltd("multiseed", "--address", cluster.address, "--seeds", "0,1", "--runs-per-gpu", "2", *TINY, "method=ce",
+            f"out_dir={tmp_path}")
+    finally:
+        cluster.shutdown()
+    tasks = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["ray_task"] for s in (0, 1)]
+    assert [t["resources"].get("GPU") for t in tasks] == [0.5, 0.5]
+    assert [t["resources"].get("CPU") for t in tasks] == [1.0, 1.0]
+    assert max(t["started"] for t in tasks) < min(t["ended"] for t in tasks), "the two runs overlapped in time"

@@ -23,39 +23,58 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, configure_logging=False, **kwargs)
 
 
-def task_resources(parallel: int = 1) -> dict:
-    """One GPU per task when the cluster has GPUs; else the CPUs shared out between `parallel` tasks.
+def share_resources(cluster: dict, largest_node_cpus: float, parallel: int = 1, runs_per_gpu: int = 1) -> dict:
+    """Ray resources of one training task, from the cluster's totals.
 
-    A task must fit on one node, so the CPU share is capped at the largest node's CPUs.
+    With GPUs: 1/`runs_per_gpu` of a GPU and the same share of the CPUs per GPU. A ResNet-32 step on CIFAR leaves
+    most of a modern GPU idle (bench/README.md: it is launch-bound), so packing several runs of a table onto one GPU
+    finishes the table sooner; big models keep the default of one run per GPU. Without GPUs: the CPUs shared out
+    between `parallel` tasks. A task must fit on one node, so its CPUs are capped at the largest node's.
     """
-    resources = ray.cluster_resources()
+    if runs_per_gpu < 1:
+        raise ValueError(f"runs_per_gpu must be at least 1, got {runs_per_gpu}")
+    gpus = cluster.get("GPU", 0)
+    if gpus >= 1:
+        cpus = cluster.get("CPU", 1) // gpus // runs_per_gpu
+        return {"num_gpus": round(1 / runs_per_gpu, 4), "num_cpus": max(1, int(min(cpus, largest_node_cpus)))}
+    share = int(cluster.get("CPU", 1)) // max(parallel, 1)
+    return {"num_gpus": 0, "num_cpus": max(1, int(min(share, largest_node_cpus)))}
+
+
+def task_resources(parallel: int = 1, runs_per_gpu: int = 1) -> dict:
+    """`share_resources` for the cluster Ray is connected to."""
     largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    if resources.get("GPU", 0) >= 1:
-        per_gpu = resources.get("CPU", 1) // max(resources["GPU"], 1)
-        return {"num_gpus": 1, "num_cpus": max(1, int(min(per_gpu, largest_node)))}
-    share = int(resources.get("CPU", 1)) // max(parallel, 1)
-    return {"num_gpus": 0, "num_cpus": max(1, int(min(share, largest_node)))}
+    return share_resources(ray.cluster_resources(), largest_node, parallel, runs_per_gpu)
 
 
 def _run_pipeline_task(cfg_dict: dict) -> dict:
     """Validate the config again on arrival (it crossed a process boundary), then run in this worker."""
+    import time
+
     import torch
 
     from trainer.stages import run_pipeline
 
     os.environ["LTD_PROGRESS"] = "ray"  # progress bars drawn on the driver, one per worker
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    return run_pipeline(RunConfig.model_validate(cfg_dict))
+    context = ray.get_runtime_context()
+    assigned = context.get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
+    cfg, started = RunConfig.model_validate(cfg_dict), time.time()
+    report = run_pipeline(cfg)
+    report["ray_task"] = {"node_id": context.get_node_id(), "resources": assigned, "started": started,
+                          "ended": time.time()}  # where and beside what it ran: tasks may share a GPU
+    (Path(cfg.out_dir) / "metrics.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
-def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1) -> list[dict]:
-    """Run several configs (seeds, methods) as parallel Ray tasks; a crashed worker is retried `max_retries` times,
-    and the retry resumes from the stage's last checkpoint in the run folder.
+def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1, runs_per_gpu: int = 1) -> list[dict]:
+    """Run several configs (seeds, methods) as parallel Ray tasks, `runs_per_gpu` of them sharing each GPU; a crashed
+    worker is retried `max_retries` times, and the retry resumes from the stage's last checkpoint in the run folder.
 
     Configs with `distributed.num_workers` > 1 run one after another, each on Ray Train across the cluster.
     """
     single = [cfg for cfg in cfgs if cfg.distributed.num_workers == 1]
-    resources = task_resources(parallel=max(len(single), 1))
+    resources = task_resources(parallel=max(len(single), 1), runs_per_gpu=runs_per_gpu)
     task = ray.remote(max_retries=max_retries, **resources)(_run_pipeline_task)
     refs = {id(cfg): task.remote(_absolute_paths(cfg).model_dump(mode="json")) for cfg in single}
     reports = {id(cfg): train_distributed(cfg) for cfg in cfgs if cfg.distributed.num_workers > 1}
