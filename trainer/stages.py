@@ -309,17 +309,25 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
                     "seed": cfg.seed, "lt_seed": cfg.data.lt_seed, "fingerprint": ctx.data.fingerprint,
                     "device": str(ctx.device), "class_counts": ctx.data.class_counts.tolist(),
                     "class_names": ctx.data.class_names, "stages": {}}
+
+    def score(stage: str, forward, module: nn.Module | None = None) -> None:
+        """A stage's test metrics; with a validation split (data.val_per_class) its held-out headline too, so
+        variants can be compared without touching the test set."""
+        report["stages"][stage] = evaluate(ctx, forward, module=module)
+        if ctx.data.val is not None:
+            report.setdefault("val", {})[stage] = _headline(evaluate(ctx, forward, ctx.data.val, module=module))
+
     if cfg.pipeline == "experts":
         from trainer.expert_stages import train_multi_expert
 
         final = train_multi_expert(ctx, report)  # BBN, RIDE, LFME, independent experts; fills report["stages"]
     elif source is None or cfg.pipeline != "ssd":
         model = train_stage1(ctx)
-        report["stages"]["I"] = evaluate(ctx, model.eval())
+        score("I", model)
         final = model
         if cfg.pipeline in ("decoupled", "ssd"):
             final = teacher = rebalance(ctx, model)
-            report["stages"]["II"] = evaluate(ctx, teacher.eval())
+            score("II", teacher)
             if cfg.pipeline == "ssd":
                 save_model(ctx.out_dir / "teacher.pt", teacher, ctx.spec(teacher, "teacher", report["stages"]["II"]))
                 source = in_memory_source(ctx, teacher)
@@ -329,12 +337,12 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
                                  "temperature": source.temperature,
                                  "labelset_id": getattr(source, "labelset_id", None)}
         student = distill(ctx, source)
-        report["stages"]["III"] = evaluate(ctx, lambda x: student(x)[1], module=student)
-        report["stages"]["III_hard_head"] = evaluate(ctx, lambda x: student(x)[0], module=student)
+        score("III", lambda x: student(x)[1], module=student)
+        score("III_hard_head", lambda x: student(x)[0], module=student)
         final = Classifier(student.backbone, student.soft_head)
         if cfg.stage4.enabled:
             final = rebalance_student_head(ctx, student)
-            report["stages"]["IV"] = evaluate(ctx, final)
+            score("IV", final)
         if not isinstance(source, OnlineTargets):
             distilled = TableTargets(source, len(ctx.data.train), torch.device("cpu")).table.sum(0).numpy()
     report["final"] = evaluate(ctx, final.eval())

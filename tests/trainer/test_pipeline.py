@@ -52,6 +52,25 @@ def test_saved_models_rebuild_and_predict_the_same(tiny_lt, tmp_path):
     assert spec.role == "teacher" and evaluate(ctx, teacher)["overall"] == report["stages"]["II"]["overall"]
 
 
+def test_validation_split_scores_every_stage_on_held_out_images(tmp_path):
+    """With data.val_per_class, each stage also reports its held-out accuracy: the numbers a user may choose by."""
+    from trainer.datasets import load_dataset
+    from trainer.export import load_model
+    from trainer.stages import evaluate, prepare
+
+    cfg = load_config(None, [*TINY, "data.val_per_class=5", f"out_dir={tmp_path}"])
+    data = load_dataset(cfg.data)
+    report = run_pipeline(cfg, data=data)
+    assert set(report["val"]) == set(report["stages"]) == {"I", "II", "III", "III_hard_head", "IV"}
+    ctx = prepare(cfg, data)
+    for name, stage in (("teacher.pt", "II"), ("model.pt", "IV")):
+        model, _ = load_model(tmp_path / name)
+        held_out = evaluate(ctx, model, split=data.val)
+        assert report["val"][stage] == {g: held_out[g] for g in ("overall", "many", "medium", "few")}
+        assert evaluate(ctx, model)["overall"] == report["stages"][stage]["overall"], "stages stay test-set scores"
+    assert report["val"]["II"] != {g: report["stages"]["II"][g] for g in ("overall", "many", "medium", "few")}
+
+
 @pytest.mark.parametrize("head", ["hard", "soft"])
 def test_stage4_rebalances_the_configured_student_head(head, tiny_lt, tmp_path):
     """The served model is the distilled backbone + LWS over the chosen head's frozen weights."""
