@@ -169,6 +169,34 @@ def measure(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batc
     return history[1]["img_s"]
 
 
+def profile_step(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
+                 device: torch.device, precision: str, top: int = 15) -> dict:
+    """Where one of our steps spends its time: torch.profiler over `steps` steps after `warmup` unrecorded ones.
+
+    Returns kernel launches per step (CUDA: cudaLaunchKernel + cudaGraphLaunch calls, so a step captured in a CUDA
+    graph counts its graph once) and the `top` ops by self device time (CPU time on a CPU), in ms per step.
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=steps)) as prof:
+
+        def stepped():
+            for batch in stream:
+                prof.step()
+                yield batch
+
+        measure(stage, parts, loss_fn, stepped(), warmup + 1, steps, device, precision)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel"))
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ranked = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+    return {"launches_per_step": round(launches / steps, 1) if cuda else None,
+            "top_ops_ms_per_step": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+                                     "ms": round(getattr(e, key, 0) / 1000 / steps, 3)} for e in ranked]}
+
+
 def bench_stage(stage: str, data: LongTailData, device: torch.device, args, workers: int) -> dict:
     """One row: the best images/s of ours and of the baseline over `rounds` alternating measurements.
 
@@ -202,6 +230,14 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
             img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device, ctx.cfg.precision)
             runs[side].append(img_s)
             log.info("stage %s %-10s %8.1f img/s", stage, side, img_s)
+    profile = {}
+    if args.profile:  # one more run of ours, recorded op by op (kept out of the timed runs: profiling slows them)
+        ctx = context(data, device, args.compile, args.precision)
+        parts, loss_fn = (stage1_objective(ctx) if stage == "I"
+                          else distill_objective(ctx, TableTargets(source, len(data.train), device)))
+        stream = device_stream(data, device, args.batch_size, key_view=stage == "I")
+        profile = {"profile": profile_step(stage, parts, loss_fn, stream, args.warmup, args.profile, device,
+                                           args.precision)}
     ours_img_s, base_img_s = max(runs["ours"]), max(runs["baseline"])
     eager = {"eager_img_s": round(max(runs["ours_eager"]), 1)} if "ours_eager" in runs else {}
     return {
@@ -212,7 +248,7 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
         "dataset": "cifar10_lt" if data.name == "cifar10_npz" else f"{data.name}_lt",
         "imbalance_factor": IMBALANCE_FACTOR, "num_train": len(data.train), "baseline_workers": workers,
         "baseline_transforms": args.baseline_transforms,
-        **{f"{side}_runs": [round(x, 1) for x in values] for side, values in runs.items()},
+        **{f"{side}_runs": [round(x, 1) for x in values] for side, values in runs.items()}, **profile,
     }
 
 
@@ -233,6 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile our step (RunConfig.compile); the eager pipeline is then measured too")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="Our step's forward under bf16 autocast (RunConfig.precision); fp32 eager measured too")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="Also profile STEPS of our steps (torch.profiler): launches per step and the top ops")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     gpu = args.device != "cpu" and torch.cuda.is_available()
