@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -49,8 +50,6 @@ def task_resources(parallel: int = 1, runs_per_gpu: int = 1) -> dict:
 
 def _run_pipeline_task(cfg_dict: dict) -> dict:
     """Validate the config again on arrival (it crossed a process boundary), then run in this worker."""
-    import time
-
     import torch
 
     from trainer.stages import run_pipeline
