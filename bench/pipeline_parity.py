@@ -2,9 +2,10 @@
 
 The throughput benchmark shows DeviceBatches is faster; this one checks it costs no accuracy. Both sides train the
 same CE config (ResNet-32, CIFAR-10-LT IF 100, the LDAM-DRW step schedule at the given epochs) through the same
-`stage1_objective` and `engine.fit`, from the same initial weights, and are evaluated by the same code. Only the
-training batches differ: ours come from `DeviceBatches` (uint8 tensor, batched crop + flip), the baseline's from a
-`DataLoader` over PIL images with torchvision's RandomCrop(32, 4) + RandomHorizontalFlip + ToTensor + Normalize.
+`train_stage1` (objective, engine.fit, checkpoints) from the same initial weights, and the same code evaluates
+them. Only the training batches differ: ours come from `DeviceBatches` (uint8 tensor, batched crop + flip), the
+baseline's from a `DataLoader` over PIL images with torchvision's RandomCrop(32, 4) + RandomHorizontalFlip +
+ToTensor + Normalize.
 A gap larger than the seed-to-seed spread would mean our augmentation or sampling differs from the recipe.
 """
 
@@ -23,7 +24,7 @@ from train_throughput import PlainCifar, load_data, plain_transforms
 from trainer.batches import Batch
 from trainer.config import RunConfig, load_config
 from trainer.report import aggregate, write_results
-from trainer.stages import RunContext, evaluate, prepare, stage1_objective, train_stage1
+from trainer.stages import RunContext, evaluate, prepare, train_stage1
 
 log = logging.getLogger("bench.pipeline_parity")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "ce.yaml"
@@ -48,23 +49,15 @@ class PlainEpochs:
     def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None):
         cuda = self.device.type == "cuda"
         loader = DataLoader(self.dataset, self.batch_size, shuffle=True, num_workers=self.workers, pin_memory=cuda,
-                            generator=generator, persistent_workers=False)
+                            generator=generator)
         for ids, labels, images, _ in loader:
             yield Batch(ids=ids.to(self.device), labels=labels.to(self.device),
                         images=images.to(self.device, non_blocking=cuda))
 
 
-def train_plain(ctx: RunContext, workers: int):
-    """train_stage1 with the plain loader in place of ctx.batches: same objective, optimizer, schedule and seed."""
-    parts, loss_fn = stage1_objective(ctx)
-    ctx.fit(stage="I", model=parts, loss_fn=loss_fn, batches=PlainEpochs(ctx, workers), optim=ctx.cfg.stage1.optim,
-            generator=ctx.generator(1), checkpoint=ctx.out_dir / "stage1" / "checkpoint.pt", meta=ctx.meta("I"))
-    return parts["model"]
-
-
 def run_side(side: str, cfg: RunConfig, data, workers: int) -> dict:
     ctx = prepare(cfg.model_copy(update={"out_dir": cfg.out_dir / side}), data)
-    model = train_stage1(ctx) if side == "ours" else train_plain(ctx, workers)
+    model = train_stage1(ctx, batches=None if side == "ours" else PlainEpochs(ctx, workers))
     report = {"seed": cfg.seed, "final": evaluate(ctx, model.eval())}
     log.info("%s seed %d: top-1 %.2f, few %s", side, cfg.seed, report["final"]["overall"], report["final"]["few"])
     return report

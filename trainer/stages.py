@@ -121,13 +121,17 @@ def stage1_objective(ctx: RunContext) -> tuple[nn.ModuleDict, LossFn]:
     return parts, loss_fn
 
 
-def train_stage1(ctx: RunContext) -> Classifier:
-    """Stage I (or a joint baseline): backbone + linear head with the configured loss; MoCo added for SSD."""
+def train_stage1(ctx: RunContext, batches=None) -> Classifier:
+    """Stage I (or a joint baseline): backbone + linear head with the configured loss; MoCo added for SSD.
+
+    `batches` replaces the run's own batch source (bench/pipeline_parity.py feeds a plain DataLoader through it).
+    """
     cfg, data = ctx.cfg.stage1, ctx.data
     parts, loss_fn = stage1_objective(ctx)
     model = parts["model"]
-    batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
-                          key_view="moco" in parts)
+    if batches is None:
+        batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
+                              key_view="moco" in parts)
     ctx.fit(stage="I", model=parts, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(1),
         checkpoint=ctx.out_dir / "stage1" / "checkpoint.pt", meta=ctx.meta("I"),
         on_epoch_end=_periodic_eval(ctx, model))
