@@ -43,11 +43,11 @@ def load_data() -> LongTailData:
         return load_dataset(DataConfig(name="synthetic", imbalance_factor=IMBALANCE_FACTOR))
 
 
-def context(data: LongTailData, device: torch.device, compile_mode: str = "none",
-            precision: str = "fp32") -> RunContext:
+def context(data: LongTailData, device: torch.device, compile_mode: str = "none", precision: str = "fp32",
+            channels_last: bool = False) -> RunContext:
     """An SSD run context with the paper's ResNet-32 (stage objectives read model, MoCo and KD settings from it)."""
     cfg = RunConfig(method="ssd", model={"arch": ARCH}, compile=compile_mode, precision=precision,
-                    out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
+                    channels_last=channels_last, out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
     return RunContext(cfg, data, device, cfg.out_dir)
 
 
@@ -156,21 +156,22 @@ class Window:
 
 
 def measure(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
-            device: torch.device, precision: str = "fp32") -> float:
+            device: torch.device, precision: str = "fp32", channels_last: bool = False) -> float:
     """Images/s over `steps` training steps after `warmup` untimed ones, through engine.fit (SGD, zero_grad, step)."""
     optim = OptimConfig(epochs=2, warmup_epochs=0, batch_size=1)  # lr schedule and batch_size do not affect timing
     try:
         with tempfile.TemporaryDirectory() as tmp:
             history = fit(stage=stage, model=parts, loss_fn=loss_fn, batches=Window(stream, warmup, steps, device),
                           optim=optim, generator=torch.Generator().manual_seed(0),
-                          checkpoint=Path(tmp) / "checkpoint.pt", meta={}, precision=precision)
+                          checkpoint=Path(tmp) / "checkpoint.pt", meta={}, precision=precision,
+                          channels_last=channels_last)
     finally:
         stream.close()  # stops the DataLoader's workers
     return history[1]["img_s"]
 
 
 def profile_step(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
-                 device: torch.device, precision: str, top: int = 15) -> dict:
+                 device: torch.device, precision: str, channels_last: bool, top: int = 15) -> dict:
     """Where one of our steps spends its time: torch.profiler over `steps` steps after `warmup` unrecorded ones.
 
     Returns kernel launches per step (CUDA: cudaLaunchKernel + cudaGraphLaunch calls, so a step captured in a CUDA
@@ -187,7 +188,7 @@ def profile_step(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator
                 prof.step()
                 yield batch
 
-        measure(stage, parts, loss_fn, stepped(), warmup + 1, steps, device, precision)
+        measure(stage, parts, loss_fn, stepped(), warmup + 1, steps, device, precision, channels_last)
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel"))
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -202,19 +203,20 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
 
     Best, not mean, as timeit does: on a shared machine other work only ever slows a run down (on 2 busy cores a
     2-thread OpenMP step can stall many times over), so the fastest run is the closest to what the code costs.
-    With --compile or --precision bf16, "ours" is that step and "ours_eager" the same pipeline in fp32 eager, so the
-    row separates what the input pipeline gives from what compiling and bf16 give; the baseline is always the plain
-    fp32 eager loop.
+    With --compile, --precision bf16 or --channels-last, "ours" is that step and "ours_untuned" the same pipeline in
+    fp32, eager, NCHW, so the row separates what the input pipeline gives from what the tuning gives; the baseline is
+    always the plain fp32 eager NCHW loop.
     """
     runs: dict[str, list[float]] = {"ours": [], "baseline": []}
-    tuned = args.compile != "none" or args.precision != "fp32"
+    tuned = args.compile != "none" or args.precision != "fp32" or args.channels_last
     if tuned:
-        runs["ours_eager"] = []
+        runs["ours_untuned"] = []
     source = soft_label_source(data) if stage == "III" else None
     for _ in range(args.rounds):
         for side in runs:
             ours = side == "ours"
-            ctx = context(data, device, args.compile if ours else "none", args.precision if ours else "fp32")
+            ctx = (context(data, device, args.compile, args.precision, args.channels_last) if ours
+                   else context(data, device))
             if stage == "I":
                 parts, loss_fn = stage1_objective(ctx)
             elif side != "baseline":
@@ -227,22 +229,24 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
                 soft_cpu = TableTargets(source, len(data.train), torch.device("cpu")).table if source else None
                 stream = loader_stream(data, device, args.batch_size, workers, stage == "I", args.baseline_transforms,
                                        soft_cpu)
-            img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device, ctx.cfg.precision)
+            img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device, ctx.cfg.precision,
+                            ctx.cfg.channels_last)
             runs[side].append(img_s)
             log.info("stage %s %-10s %8.1f img/s", stage, side, img_s)
     profile = {}
     if args.profile:  # one more run of ours, recorded op by op (kept out of the timed runs: profiling slows them)
-        ctx = context(data, device, args.compile, args.precision)
+        ctx = context(data, device, args.compile, args.precision, args.channels_last)
         parts, loss_fn = (stage1_objective(ctx) if stage == "I"
                           else distill_objective(ctx, TableTargets(source, len(data.train), device)))
         stream = device_stream(data, device, args.batch_size, key_view=stage == "I")
         profile = {"profile": profile_step(stage, parts, loss_fn, stream, args.warmup, args.profile, device,
-                                           args.precision)}
+                                           args.precision, args.channels_last)}
     ours_img_s, base_img_s = max(runs["ours"]), max(runs["baseline"])
-    eager = {"eager_img_s": round(max(runs["ours_eager"]), 1)} if "ours_eager" in runs else {}
+    untuned = {"untuned_img_s": round(max(runs["ours_untuned"]), 1)} if "ours_untuned" in runs else {}
     return {
         "stage": stage, "ours_img_s": round(ours_img_s, 1), "baseline_img_s": round(base_img_s, 1),
-        "ratio": round(ours_img_s / base_img_s, 3), "compile": args.compile, "precision": args.precision, **eager,
+        "ratio": round(ours_img_s / base_img_s, 3), "compile": args.compile, "precision": args.precision,
+        "channels_last": args.channels_last, **untuned,
         "device": device.type, "batch_size": args.batch_size,
         "steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
         "dataset": "cifar10_lt" if data.name == "cifar10_npz" else f"{data.name}_lt",
@@ -269,6 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile our step (RunConfig.compile); the eager pipeline is then measured too")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="Our step's forward under bf16 autocast (RunConfig.precision); fp32 eager measured too")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                        default=RunConfig.model_fields["channels_last"].default,
+                        help="Our model in NHWC layout (RunConfig.channels_last, on by default); NCHW measured too")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="Also profile STEPS of our steps (torch.profiler): launches per step and the top ops")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -296,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [bench_stage(stage, data, device, args, workers) for stage in args.stages.split(",")]
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
     suffix = ("_compile" if args.compile != "none" else "") + ("_bf16" if args.precision == "bf16" else "")
+    suffix += "" if args.channels_last else "_nchw"
     name = "train_throughput" + suffix
     path = write_results("train_throughput", rows, command=command, out_dir=args.out, name=name,
                          extra={"arch": ARCH, "torch_threads": torch.get_num_threads()})

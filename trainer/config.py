@@ -226,6 +226,10 @@ class RunConfig(Frozen):
         "fp32", description="bf16: training forward passes under bfloat16 autocast (weights, optimizer state, BatchNorm "
         "statistics and losses stay fp32; evaluation and soft labels run in fp32), for GPUs where the step is "
         "compute-bound")
+    channels_last: bool = Field(
+        True, description="Train with convolution weights, and so activations, in NHWC layout: oneDNN on CPU and cuDNN "
+        "on GPU run it faster than NCHW (bench/README.md); results agree to float rounding, and saved weights load "
+        "into either layout")
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end)")
     out_dir: Path = Field(Path("runs/default"), description="Run folder: config, checkpoints, metrics, plots")
 

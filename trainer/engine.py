@@ -81,6 +81,7 @@ def fit(
     set_mode: Callable[[], None] | None = None,
     on_epoch_end: Callable[[int], dict] | None = None,
     precision: str = "fp32",
+    channels_last: bool = False,
 ) -> list[dict]:
     """Train `model`'s trainable parameters for `optim.epochs`, checkpointing every epoch and resuming from it.
 
@@ -90,7 +91,11 @@ def fit(
     and hands its state to the other ranks, the loss runs through DDP, and the epoch record sums every rank's images.
     `precision` 'bf16' runs the loss (the forward passes) under bfloat16 autocast; backward and the SGD step stay
     outside it, and bf16 keeps fp32's range, so no loss scaling is needed.
+    `channels_last` converts the model's 4-D weights to NHWC in place (parameters keep their identity, so optimizers
+    and compiled wrappers made beforehand stay valid); convolutions then produce NHWC activations from NCHW inputs.
     """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     mixed = torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)

@@ -50,8 +50,8 @@ class RunContext:
         return {"fingerprint": self.data.fingerprint, "config": self.cfg.model_dump_json(include=keep)}
 
     def fit(self, **kwargs) -> list[dict]:
-        """engine.fit at this run's precision: every stage trains through here, so none can miss it."""
-        return fit(precision=self.cfg.precision, **kwargs)
+        """engine.fit at this run's precision and memory layout: every stage trains through here, so none can miss it."""
+        return fit(precision=self.cfg.precision, channels_last=self.cfg.channels_last, **kwargs)
 
     def generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 1000 + salt)

@@ -131,6 +131,46 @@ def test_bf16_runs_the_forward_in_bfloat16_and_keeps_fp32_weights(tiny_lt, tmp_p
     assert loss16 == pytest.approx(loss32, rel=0.05) and loss16 != loss32
 
 
+def test_channels_last_trains_like_nchw_and_resumes_across_layouts(tiny_lt, tmp_path):
+    """channels_last: stage I (MoCo) convolutions run and keep their weights in NHWC, with NCHW's losses and weights
+    to float rounding; a run checkpointed in NCHW resumes in NHWC to the weights of an unbroken NCHW run."""
+    from trainer.config import RunConfig
+    from trainer.stages import RunContext, stage1_objective
+
+    def train(channels_last, epochs, checkpoint):
+        cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, channels_last=channels_last,
+                        stage1={"moco": {"queue_size": 64}})
+        ctx = RunContext(cfg, tiny_lt, torch.device("cpu"), tmp_path)
+        model, loss_fn = stage1_objective(ctx)
+        layouts = set()
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.register_forward_hook(
+                    lambda m, args, out: layouts.add(out.is_contiguous(memory_format=torch.channels_last)))
+        batches = Window(DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, torch.device("cpu"), 32,
+                                       AugmentConfig(), key_view=True), steps=2)
+        history = ctx.fit(stage="I", model=model, loss_fn=loss_fn, batches=batches,
+                          optim=OptimConfig(epochs=epochs, warmup_epochs=0), generator=torch.Generator().manual_seed(0),
+                          checkpoint=checkpoint, meta={})
+        convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+        return history, layouts, convs, model.state_dict()
+
+    nchw, nchw_layouts, nchw_convs, nchw_state = train(False, 2, tmp_path / "nchw.pt")
+    nhwc, nhwc_layouts, nhwc_convs, nhwc_state = train(True, 2, tmp_path / "nhwc.pt")
+    assert nchw_layouts == {False} and nhwc_layouts == {True}  # conv outputs (query and key encoders) are NHWC
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in nhwc_convs)
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in nchw_convs)
+    assert [h["loss"] for h in nhwc] == pytest.approx([h["loss"] for h in nchw], rel=1e-4)
+    for key, value in nchw_state.items():
+        torch.testing.assert_close(nhwc_state[key], value, rtol=1e-2, atol=1e-3)  # 4 SGD steps at lr 0.1 amplify
+
+    train(False, 1, tmp_path / "switch.pt")  # one epoch in NCHW, then the same run resumed in NHWC
+    resumed, _, _, resumed_state = train(True, 2, tmp_path / "switch.pt")
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in nchw], rel=1e-4)
+    for key, value in nchw_state.items():
+        torch.testing.assert_close(resumed_state[key], value, rtol=1e-2, atol=1e-3)
+
+
 class Window:
     """The first `steps` batches of one epoch of `batches`."""
 
