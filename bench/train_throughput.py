@@ -44,10 +44,11 @@ def load_data() -> LongTailData:
 
 
 def context(data: LongTailData, device: torch.device, compile_mode: str = "none", precision: str = "fp32",
-            channels_last: bool = False) -> RunContext:
+            channels_last: bool = False, cuda_graph: bool = False) -> RunContext:
     """An SSD run context with the paper's ResNet-32 (stage objectives read model, MoCo and KD settings from it)."""
     cfg = RunConfig(method="ssd", model={"arch": ARCH}, compile=compile_mode, precision=precision,
-                    channels_last=channels_last, out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
+                    channels_last=channels_last, cuda_graph=cuda_graph,
+                    out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
     return RunContext(cfg, data, device, cfg.out_dir)
 
 
@@ -155,23 +156,28 @@ class Window:
             torch.cuda.synchronize(self.device)
 
 
+def tuned_context(data: LongTailData, device: torch.device, args) -> RunContext:
+    """Our step as the command line tunes it (compile, precision, layout, CUDA graph)."""
+    return context(data, device, args.compile, args.precision, args.channels_last, args.cuda_graph)
+
+
 def measure(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
-            device: torch.device, precision: str = "fp32", channels_last: bool = False) -> float:
+            device: torch.device, cfg: RunConfig) -> float:
     """Images/s over `steps` training steps after `warmup` untimed ones, through engine.fit (SGD, zero_grad, step)."""
     optim = OptimConfig(epochs=2, warmup_epochs=0, batch_size=1)  # lr schedule and batch_size do not affect timing
     try:
         with tempfile.TemporaryDirectory() as tmp:
             history = fit(stage=stage, model=parts, loss_fn=loss_fn, batches=Window(stream, warmup, steps, device),
                           optim=optim, generator=torch.Generator().manual_seed(0),
-                          checkpoint=Path(tmp) / "checkpoint.pt", meta={}, precision=precision,
-                          channels_last=channels_last)
+                          checkpoint=Path(tmp) / "checkpoint.pt", meta={}, precision=cfg.precision,
+                          channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph)
     finally:
         stream.close()  # stops the DataLoader's workers
     return history[1]["img_s"]
 
 
 def profile_step(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
-                 device: torch.device, precision: str, channels_last: bool, top: int = 15) -> dict:
+                 device: torch.device, cfg: RunConfig, top: int = 15) -> dict:
     """Where one of our steps spends its time: torch.profiler over `steps` steps after `warmup` unrecorded ones.
 
     Returns kernel launches per step (CUDA: cudaLaunchKernel + cudaGraphLaunch calls, so a step captured in a CUDA
@@ -188,7 +194,7 @@ def profile_step(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator
                 prof.step()
                 yield batch
 
-        measure(stage, parts, loss_fn, stepped(), warmup + 1, steps, device, precision, channels_last)
+        measure(stage, parts, loss_fn, stepped(), warmup + 1, steps, device, cfg)
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel"))
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -208,15 +214,14 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
     always the plain fp32 eager NCHW loop.
     """
     runs: dict[str, list[float]] = {"ours": [], "baseline": []}
-    tuned = args.compile != "none" or args.precision != "fp32" or args.channels_last
+    tuned = args.compile != "none" or args.precision != "fp32" or args.channels_last or args.cuda_graph
     if tuned:
         runs["ours_untuned"] = []
     source = soft_label_source(data) if stage == "III" else None
     for _ in range(args.rounds):
         for side in runs:
             ours = side == "ours"
-            ctx = (context(data, device, args.compile, args.precision, args.channels_last) if ours
-                   else context(data, device))
+            ctx = tuned_context(data, device, args) if ours else context(data, device)
             if stage == "I":
                 parts, loss_fn = stage1_objective(ctx)
             elif side != "baseline":
@@ -229,24 +234,23 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
                 soft_cpu = TableTargets(source, len(data.train), torch.device("cpu")).table if source else None
                 stream = loader_stream(data, device, args.batch_size, workers, stage == "I", args.baseline_transforms,
                                        soft_cpu)
-            img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device, ctx.cfg.precision,
-                            ctx.cfg.channels_last)
+            img_s = measure(stage, parts, loss_fn, stream, args.warmup, args.steps, device, ctx.cfg)
             runs[side].append(img_s)
             log.info("stage %s %-10s %8.1f img/s", stage, side, img_s)
     profile = {}
     if args.profile:  # one more run of ours, recorded op by op (kept out of the timed runs: profiling slows them)
-        ctx = context(data, device, args.compile, args.precision, args.channels_last)
+        ctx = tuned_context(data, device, args)
         parts, loss_fn = (stage1_objective(ctx) if stage == "I"
                           else distill_objective(ctx, TableTargets(source, len(data.train), device)))
         stream = device_stream(data, device, args.batch_size, key_view=stage == "I")
         profile = {"profile": profile_step(stage, parts, loss_fn, stream, args.warmup, args.profile, device,
-                                           args.precision, args.channels_last)}
+                                           ctx.cfg)}
     ours_img_s, base_img_s = max(runs["ours"]), max(runs["baseline"])
     untuned = {"untuned_img_s": round(max(runs["ours_untuned"]), 1)} if "ours_untuned" in runs else {}
     return {
         "stage": stage, "ours_img_s": round(ours_img_s, 1), "baseline_img_s": round(base_img_s, 1),
         "ratio": round(ours_img_s / base_img_s, 3), "compile": args.compile, "precision": args.precision,
-        "channels_last": args.channels_last, **untuned,
+        "channels_last": args.channels_last, "cuda_graph": args.cuda_graph, **untuned,
         "device": device.type, "batch_size": args.batch_size,
         "steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
         "dataset": "cifar10_lt" if data.name == "cifar10_npz" else f"{data.name}_lt",
@@ -276,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         default=RunConfig.model_fields["channels_last"].default,
                         help="Our model in NHWC layout (RunConfig.channels_last, on by default); NCHW measured too")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="Replay our whole step from a CUDA graph (RunConfig.cuda_graph; GPU only)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="Also profile STEPS of our steps (torch.profiler): launches per step and the top ops")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [bench_stage(stage, data, device, args, workers) for stage in args.stages.split(",")]
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
     suffix = ("_compile" if args.compile != "none" else "") + ("_bf16" if args.precision == "bf16" else "")
-    suffix += "" if args.channels_last else "_nchw"
+    suffix += ("_graph" if args.cuda_graph else "") + ("" if args.channels_last else "_nchw")
     name = "train_throughput" + suffix
     path = write_results("train_throughput", rows, command=command, out_dir=args.out, name=name,
                          extra={"arch": ARCH, "torch_threads": torch.get_num_threads()})

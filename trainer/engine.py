@@ -18,6 +18,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig
 from trainer.distributed import (all_reduce_sums, broadcast_module_state, broadcast_object, data_parallel_loss,
                                   gather_split, is_distributed, is_primary, worker_hooks)
+from trainer.graphs import GraphedStep
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def fit(
     on_epoch_end: Callable[[int], dict] | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
+    cuda_graph: bool = False,
 ) -> list[dict]:
     """Train `model`'s trainable parameters for `optim.epochs`, checkpointing every epoch and resuming from it.
 
@@ -93,11 +95,19 @@ def fit(
     outside it, and bf16 keeps fp32's range, so no loss scaling is needed.
     `channels_last` converts the model's 4-D weights to NHWC in place (parameters keep their identity, so optimizers
     and compiled wrappers made beforehand stay valid); convolutions then produce NHWC activations from NCHW inputs.
+    `cuda_graph` replays each full batch's whole step (forward, backward, SGD update) from one CUDA graph, captured
+    anew every epoch (trainer/graphs.py); on a CPU it is ignored with a warning.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    mixed = torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    device_type = params[0].device.type
+    if cuda_graph and (device_type != "cuda" or is_distributed()):
+        log.warning("%s: cuda_graph needs one CUDA device, training eagerly on %s", stage,
+                    "several workers" if is_distributed() else device_type)
+        cuda_graph = False
+    # A captured step must not reuse autocast's per-forward cache of cast weights across replays.
+    mixed = torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=not cuda_graph)
     optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     start, history = 0, []
     hooks = worker_hooks()
@@ -110,7 +120,17 @@ def fit(
         start, history = state["epoch"] + 1, list(state["history"])
         if start < optim.epochs:
             log.info("%s: resuming at epoch %d/%d from %s", stage, start + 1, optim.epochs, checkpoint)
-    step = data_parallel_loss(model, loss_fn, hooks.sync_batchnorm) if is_distributed() else loss_fn
+    objective = data_parallel_loss(model, loss_fn, hooks.sync_batchnorm) if is_distributed() else loss_fn
+
+    def train_step(batch: Batch, progress: float) -> tuple[torch.Tensor, dict]:
+        with mixed:
+            loss, parts = objective(batch, progress)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, parts
+
+    step = GraphedStep(train_step) if cuda_graph else train_step
     bar = progress_bar(f"stage {stage}", optim.epochs, start, "ep")
     for epoch in range(start, optim.epochs):
         lr = learning_rate(optim, epoch)
@@ -120,12 +140,11 @@ def fit(
         progress = epoch / optim.epochs
         totals: dict = {}  # sums stay on the device until the epoch ends: no host sync per step
         seen, tic = 0, time.perf_counter()
+        if cuda_graph:
+            step.reset()  # the learning rate and `progress` are frozen into a capture
+            replays_before = step.replays
         for batch in batches.epoch(progress, generator):
-            with mixed:
-                loss, parts = step(batch, progress)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, parts = step(batch, progress)
             n = len(batch.labels)
             seen += n
             for key, value in {"loss": loss.detach(), **parts}.items():
@@ -136,6 +155,8 @@ def fit(
             totals, seen = all_reduce_sums(totals, seen)
             broadcast_module_state(model)  # rank 0's BatchNorm statistics everywhere: eval and save see one model
         record = {"epoch": epoch + 1, "lr": lr, "img_s": seen / max(elapsed, 1e-9)}
+        if cuda_graph:
+            record["graph_replays"] = step.replays - replays_before  # the epoch's steps run from the CUDA graph
         record.update({k: v / max(seen, 1) for k, v in totals.items()})
         if on_epoch_end is not None:
             record.update(on_epoch_end(epoch))

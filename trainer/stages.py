@@ -51,7 +51,8 @@ class RunContext:
 
     def fit(self, **kwargs) -> list[dict]:
         """engine.fit at this run's precision and memory layout: every stage trains through here, so none can miss it."""
-        return fit(precision=self.cfg.precision, channels_last=self.cfg.channels_last, **kwargs)
+        return fit(precision=self.cfg.precision, channels_last=self.cfg.channels_last, cuda_graph=self.cfg.cuda_graph,
+                   **kwargs)
 
     def generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 1000 + salt)

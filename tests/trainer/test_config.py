@@ -41,6 +41,8 @@ def test_method_sets_stage_defaults_and_overrides_win():
         (["method=lws", "stage1.loss.name=ldam"], "cosine head"),
         (["compile=reduce-overhead", "distributed.num_workers=2"], "compile=none"),
         (["compile=max-speed"], "reduce-overhead"),
+        (["cuda_graph=true", "compile=reduce-overhead"], "set compile=none"),
+        (["cuda_graph=true", "method=bbn"], "cuda_graph=false"),
     ],
 )
 def test_bad_configs_say_what_to_fix(overrides, message):

@@ -171,6 +171,50 @@ def test_channels_last_trains_like_nchw_and_resumes_across_layouts(tiny_lt, tmp_
         torch.testing.assert_close(resumed_state[key], value, rtol=1e-2, atol=1e-3)
 
 
+def _graph_run(tiny_lt, tmp_path, device, stage, cuda_graph):
+    """2 epochs of SSD stage I (MoCo) or III on tiny_lt at batch 32 (a short last batch), lr rising over epoch 1."""
+    from trainer.config import RunConfig
+    from trainer.soft_targets import InMemorySoftLabels, TableTargets
+    from trainer.stages import RunContext, distill_objective, stage1_objective
+
+    cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, cuda_graph=cuda_graph, stage1={"moco": {"queue_size": 64}})
+    ctx = RunContext(cfg, tiny_lt, device, tmp_path)
+    if stage == "I":
+        model, loss_fn = stage1_objective(ctx)
+    else:
+        logits = torch.randn(len(tiny_lt.train), tiny_lt.num_classes, generator=torch.Generator().manual_seed(0))
+        model, loss_fn = distill_objective(ctx, TableTargets(InMemorySoftLabels(logits, 2.0), len(tiny_lt.train), device))
+    batches = DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, device, 32, AugmentConfig(), key_view=stage == "I")
+    history = ctx.fit(stage=stage, model=model, loss_fn=loss_fn, batches=batches,
+                      optim=OptimConfig(epochs=2, warmup_epochs=1), generator=torch.Generator().manual_seed(0),
+                      checkpoint=tmp_path / f"{stage}{cuda_graph}.pt", meta={})
+    return history, {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+def test_cuda_graph_on_a_cpu_trains_eagerly_with_a_warning(tiny_lt, tmp_path, caplog):
+    eager, eager_state = _graph_run(tiny_lt, tmp_path, torch.device("cpu"), "I", False)
+    graphed, graphed_state = _graph_run(tiny_lt, tmp_path, torch.device("cpu"), "I", True)
+    assert "cuda_graph needs one CUDA device, training eagerly on cpu" in caplog.text
+    assert [h["loss"] for h in graphed] == [h["loss"] for h in eager] and "graph_replays" not in graphed[0]
+    for key, value in eager_state.items():
+        assert torch.equal(graphed_state[key], value), key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", ["I", "III"])
+def test_cuda_graph_replays_full_batches_and_trains_like_eager(tiny_lt, tmp_path, stage):
+    """cuda_graph on a GPU: every full batch after 3 warm-up steps replays the captured step, the short last batch
+    runs eagerly, the step is captured again when the learning rate changes (epoch 2), and the run ends with the
+    eager run's losses and weights."""
+    eager, eager_state = _graph_run(tiny_lt, tmp_path, torch.device("cuda"), stage, False)
+    graphed, graphed_state = _graph_run(tiny_lt, tmp_path, torch.device("cuda"), stage, True)
+    full = len(tiny_lt.train) // 32
+    assert len(tiny_lt.train) % 32 and [h["graph_replays"] for h in graphed] == [full - 3, full]
+    assert [h["loss"] for h in graphed] == pytest.approx([h["loss"] for h in eager], rel=1e-4)
+    for key, value in eager_state.items():
+        torch.testing.assert_close(graphed_state[key], value, rtol=1e-3, atol=1e-4)
+
+
 class Window:
     """The first `steps` batches of one epoch of `batches`."""
 
