@@ -85,6 +85,7 @@ def test_stage4_rebalances_the_configured_student_head(head, tiny_lt, tmp_path):
     assert spec.head == "lws"
     assert torch.equal(final.head.weight, student[f"{head}_head.weight"])
     assert torch.equal(final.backbone.conv1.weight, student["backbone.conv1.weight"])
+    assert final.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # loaded for fast CPU inference
 
 
 def test_stage3_is_evaluated_in_eval_mode(tiny_lt, tmp_path):
