@@ -39,8 +39,8 @@ class GraphedStep:
       its random parameters before the step;
     - Python values are frozen at capture (the learning rate, `progress`): `reset()` at each epoch start makes the
       epoch's first batch capture the step anew;
-    - lazy CUDA set-up must not happen while capturing: the first `warmup` steps run eagerly on a side stream, as
-      PyTorch's CUDA-graph notes prescribe.
+    - lazy CUDA set-up (library handles, workspaces) must not happen while capturing: the first `warmup` steps run
+      eagerly on the side stream the captures then use, as PyTorch's CUDA-graph notes prescribe.
     SGD keeps no step counter, so its update replays as is; its momentum buffers exist after the first eager step.
     Autocast must run with cache_enabled=False around a captured step (engine.fit does).
     """
@@ -51,13 +51,19 @@ class GraphedStep:
         self.static: Batch | None = None
         self.outputs: tuple[torch.Tensor, dict] | None = None
         self.captures = self.replays = 0
+        self.stream: torch.cuda.Stream | None = None  # warm-up and capture stream, made on first use
 
     def reset(self) -> None:
         """Drop the graph (and its memory pool): the next full batch captures the step with the current values."""
         self.graph = self.static = self.outputs = None
 
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return self.stream
+
     def _warm(self, batch: Batch, progress: float):
-        side = torch.cuda.Stream()
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = self.step(batch, progress)
@@ -74,7 +80,7 @@ class GraphedStep:
             self.static = dataclasses.replace(batch, **{k: v.clone() for k, v in _tensor_fields(batch).items()})
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, stream=self._side_stream()):
                     self.outputs = self.step(self.static, progress)
             except RuntimeError as err:
                 raise RuntimeError(f"cuda_graph: this training step cannot be captured as a CUDA graph ({err}); "
