@@ -77,6 +77,9 @@ class GraphedStep:
         if self.graph is not None and not _same_layout(self.static, batch):
             return self.step(batch, progress)
         if self.graph is None:
+            if not isinstance(batch, Batch):  # e.g. BBN's PairedBatch: nested batches would be frozen into the graph
+                raise TypeError(f"cuda_graph replays flat Batch objects, not {type(batch).__name__}; set "
+                                "cuda_graph=false")
             self.static = dataclasses.replace(batch, **{k: v.clone() for k, v in _tensor_fields(batch).items()})
             graph = torch.cuda.CUDAGraph()
             try:
