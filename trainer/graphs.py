@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 
 import torch
 
 from trainer.batches import Batch
-
-log = logging.getLogger(__name__)
 
 Step = Callable[[Batch, float], tuple[torch.Tensor, dict]]
 

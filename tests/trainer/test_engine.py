@@ -70,24 +70,10 @@ def test_checkpoint_of_another_dataset_is_refused(tmp_path, tiny_lt):
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_stage_objectives_train_like_eager(tiny_lt, tmp_path):
     """compile=default runs the same stage I (MoCo) and III steps as eager: same losses, same weights after 3 steps."""
-    from trainer.config import RunConfig
-    from trainer.soft_targets import InMemorySoftLabels, TableTargets
-    from trainer.stages import RunContext, distill_objective, stage1_objective
 
     def train(mode, stage):
-        cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, compile=mode, stage1={"moco": {"queue_size": 64}})
-        ctx = RunContext(cfg, tiny_lt, torch.device("cpu"), tmp_path)
-        if stage == "I":
-            model, loss_fn = stage1_objective(ctx)
-        else:
-            logits = torch.randn(len(tiny_lt.train), tiny_lt.num_classes, generator=torch.Generator().manual_seed(0))
-            targets = TableTargets(InMemorySoftLabels(logits, 2.0), len(tiny_lt.train), torch.device("cpu"))
-            model, loss_fn = distill_objective(ctx, targets)
-        batches = Window(DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, torch.device("cpu"), 32,
-                                       AugmentConfig(), key_view=stage == "I"), steps=3)
-        history = fit(stage=stage, model=model, loss_fn=loss_fn, batches=batches,
-                      optim=OptimConfig(epochs=1, warmup_epochs=0), generator=torch.Generator().manual_seed(0),
-                      checkpoint=tmp_path / f"{mode}{stage}.pt", meta={})
+        history, model = _train_ssd_stage(tiny_lt, tmp_path, tmp_path / f"{mode}{stage}.pt", stage, steps=3,
+                                          compile=mode)
         return history[0]["loss"], model.state_dict()
 
     from torch._dynamo.utils import counters
@@ -102,29 +88,46 @@ def test_compiled_stage_objectives_train_like_eager(tiny_lt, tmp_path):
             torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-4)
 
 
+def _train_ssd_stage(tiny_lt, tmp_path, checkpoint, stage="I", device="cpu", epochs=1, warmup_epochs=0, steps=None,
+                     conv_hook=None, **cfg):
+    """SSD stage I (MoCo with its key view) or III (two heads on fixed random soft labels) of a ResNet-8 on tiny_lt at
+    batch 32, through ctx.fit (the stages' path, so RunConfig's precision / layout / graph settings apply): `steps`
+    batches per epoch, or whole epochs with their short last batch. `conv_hook(out)` sees every convolution's output.
+    Returns the epoch records and the model."""
+    from trainer.config import RunConfig
+    from trainer.soft_targets import InMemorySoftLabels, TableTargets
+    from trainer.stages import RunContext, distill_objective, stage1_objective
+
+    device = torch.device(device)
+    ctx = RunContext(RunConfig(method="ssd", model={"arch": "resnet8"}, stage1={"moco": {"queue_size": 64}}, **cfg),
+                     tiny_lt, device, tmp_path)
+    if stage == "I":
+        model, loss_fn = stage1_objective(ctx)
+    else:
+        logits = torch.randn(len(tiny_lt.train), tiny_lt.num_classes, generator=torch.Generator().manual_seed(0))
+        model, loss_fn = distill_objective(ctx, TableTargets(InMemorySoftLabels(logits, 2.0), len(tiny_lt.train), device))
+    if conv_hook is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.register_forward_hook(lambda m, args, out: conv_hook(out))
+    batches = DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, device, 32, AugmentConfig(), key_view=stage == "I")
+    history = ctx.fit(stage=stage, model=model, loss_fn=loss_fn, batches=Window(batches, steps) if steps else batches,
+                      optim=OptimConfig(epochs=epochs, warmup_epochs=warmup_epochs),
+                      generator=torch.Generator().manual_seed(0), checkpoint=checkpoint, meta={})
+    return history, model
+
+
 def test_bf16_runs_the_forward_in_bfloat16_and_keeps_fp32_weights(tiny_lt, tmp_path):
     """precision=bf16: stage I's convolutions (query and MoCo key path) compute in bf16, while weights, BatchNorm
     statistics, the MoCo queue and the recorded loss stay fp32 and near the fp32 run's."""
-    from trainer.config import RunConfig
-    from trainer.stages import RunContext, stage1_objective
 
     def train(precision):
-        cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, precision=precision,
-                        stage1={"moco": {"queue_size": 64}})
-        ctx = RunContext(cfg, tiny_lt, torch.device("cpu"), tmp_path)
-        model, loss_fn = stage1_objective(ctx)
-        conv_dtypes = set()
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                module.register_forward_hook(lambda m, args, out: conv_dtypes.add(out.dtype))
-        batches = Window(DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, torch.device("cpu"), 32,
-                                       AugmentConfig(), key_view=True), steps=2)
-        history = ctx.fit(stage="I", model=model, loss_fn=loss_fn, batches=batches,  # the stages' path to fit
-                          optim=OptimConfig(epochs=1, warmup_epochs=0), generator=torch.Generator().manual_seed(0),
-                          checkpoint=tmp_path / f"{precision}.pt", meta={})
-        return history[0]["loss"], conv_dtypes, model.state_dict()
+        dtypes = set()
+        history, model = _train_ssd_stage(tiny_lt, tmp_path, tmp_path / f"{precision}.pt", steps=2,
+                                          conv_hook=lambda out: dtypes.add(out.dtype), precision=precision)
+        return history[0]["loss"], dtypes, model.state_dict()
 
-    loss32, dtypes32, state32 = train("fp32")
+    loss32, dtypes32, _ = train("fp32")
     loss16, dtypes16, state16 = train("bf16")
     assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16}
     assert {v.dtype for v in state16.values() if v.is_floating_point()} == {torch.float32}
@@ -134,24 +137,12 @@ def test_bf16_runs_the_forward_in_bfloat16_and_keeps_fp32_weights(tiny_lt, tmp_p
 def test_channels_last_trains_like_nchw_and_resumes_across_layouts(tiny_lt, tmp_path):
     """channels_last: stage I (MoCo) convolutions run and keep their weights in NHWC, with NCHW's losses and weights
     to float rounding; a run checkpointed in NCHW resumes in NHWC to the weights of an unbroken NCHW run."""
-    from trainer.config import RunConfig
-    from trainer.stages import RunContext, stage1_objective
 
     def train(channels_last, epochs, checkpoint):
-        cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, channels_last=channels_last,
-                        stage1={"moco": {"queue_size": 64}})
-        ctx = RunContext(cfg, tiny_lt, torch.device("cpu"), tmp_path)
-        model, loss_fn = stage1_objective(ctx)
         layouts = set()
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                module.register_forward_hook(
-                    lambda m, args, out: layouts.add(out.is_contiguous(memory_format=torch.channels_last)))
-        batches = Window(DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, torch.device("cpu"), 32,
-                                       AugmentConfig(), key_view=True), steps=2)
-        history = ctx.fit(stage="I", model=model, loss_fn=loss_fn, batches=batches,
-                          optim=OptimConfig(epochs=epochs, warmup_epochs=0), generator=torch.Generator().manual_seed(0),
-                          checkpoint=checkpoint, meta={})
+        history, model = _train_ssd_stage(
+            tiny_lt, tmp_path, checkpoint, epochs=epochs, steps=2, channels_last=channels_last,
+            conv_hook=lambda out: layouts.add(out.is_contiguous(memory_format=torch.channels_last)))
         convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
         return history, layouts, convs, model.state_dict()
 
@@ -172,28 +163,15 @@ def test_channels_last_trains_like_nchw_and_resumes_across_layouts(tiny_lt, tmp_
 
 
 def _graph_run(tiny_lt, tmp_path, device, stage, cuda_graph):
-    """2 epochs of SSD stage I (MoCo) or III on tiny_lt at batch 32 (a short last batch), lr rising over epoch 1."""
-    from trainer.config import RunConfig
-    from trainer.soft_targets import InMemorySoftLabels, TableTargets
-    from trainer.stages import RunContext, distill_objective, stage1_objective
-
-    cfg = RunConfig(method="ssd", model={"arch": "resnet8"}, cuda_graph=cuda_graph, stage1={"moco": {"queue_size": 64}})
-    ctx = RunContext(cfg, tiny_lt, device, tmp_path)
-    if stage == "I":
-        model, loss_fn = stage1_objective(ctx)
-    else:
-        logits = torch.randn(len(tiny_lt.train), tiny_lt.num_classes, generator=torch.Generator().manual_seed(0))
-        model, loss_fn = distill_objective(ctx, TableTargets(InMemorySoftLabels(logits, 2.0), len(tiny_lt.train), device))
-    batches = DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, device, 32, AugmentConfig(), key_view=stage == "I")
-    history = ctx.fit(stage=stage, model=model, loss_fn=loss_fn, batches=batches,
-                      optim=OptimConfig(epochs=2, warmup_epochs=1), generator=torch.Generator().manual_seed(0),
-                      checkpoint=tmp_path / f"{stage}{cuda_graph}.pt", meta={})
+    """2 whole epochs (a short last batch each), the learning rate rising over the first, with or without graphs."""
+    history, model = _train_ssd_stage(tiny_lt, tmp_path, tmp_path / f"{stage}{cuda_graph}.pt", stage, device,
+                                      epochs=2, warmup_epochs=1, cuda_graph=cuda_graph)
     return history, {k: v.cpu() for k, v in model.state_dict().items()}
 
 
 def test_cuda_graph_on_a_cpu_trains_eagerly_with_a_warning(tiny_lt, tmp_path, caplog):
-    eager, eager_state = _graph_run(tiny_lt, tmp_path, torch.device("cpu"), "I", False)
-    graphed, graphed_state = _graph_run(tiny_lt, tmp_path, torch.device("cpu"), "I", True)
+    eager, eager_state = _graph_run(tiny_lt, tmp_path, "cpu", "I", False)
+    graphed, graphed_state = _graph_run(tiny_lt, tmp_path, "cpu", "I", True)
     assert "cuda_graph needs one CUDA device, training eagerly on cpu" in caplog.text
     assert [h["loss"] for h in graphed] == [h["loss"] for h in eager] and "graph_replays" not in graphed[0]
     for key, value in eager_state.items():
@@ -206,8 +184,8 @@ def test_cuda_graph_replays_full_batches_and_trains_like_eager(tiny_lt, tmp_path
     """cuda_graph on a GPU: every full batch after 3 warm-up steps replays the captured step, the short last batch
     runs eagerly, the step is captured again when the learning rate changes (epoch 2), and the run ends with the
     eager run's losses and weights."""
-    eager, eager_state = _graph_run(tiny_lt, tmp_path, torch.device("cuda"), stage, False)
-    graphed, graphed_state = _graph_run(tiny_lt, tmp_path, torch.device("cuda"), stage, True)
+    eager, eager_state = _graph_run(tiny_lt, tmp_path, "cuda", stage, False)
+    graphed, graphed_state = _graph_run(tiny_lt, tmp_path, "cuda", stage, True)
     full = len(tiny_lt.train) // 32
     assert len(tiny_lt.train) % 32 and [h["graph_replays"] for h in graphed] == [full - 3, full]
     assert [h["loss"] for h in graphed] == pytest.approx([h["loss"] for h in eager], rel=1e-4)
