@@ -209,9 +209,9 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
 
     Best, not mean, as timeit does: on a shared machine other work only ever slows a run down (on 2 busy cores a
     2-thread OpenMP step can stall many times over), so the fastest run is the closest to what the code costs.
-    With --compile, --precision bf16, --channels-last (the default) or --cuda-graph, "ours" is that step and "ours_untuned" the same pipeline in
-    fp32, eager, NCHW, so the row separates what the input pipeline gives from what the tuning gives; the baseline is
-    always the plain fp32 eager NCHW loop.
+    With --compile, --precision bf16, --channels-last (the default) or --cuda-graph, "ours" is that step and
+    "ours_untuned" the same pipeline in fp32, eager, NCHW (the row's untuned_img_s), so the row separates what the
+    input pipeline gives from what the tuning gives; the baseline is always the plain fp32 eager NCHW loop.
     """
     runs: dict[str, list[float]] = {"ours": [], "baseline": []}
     tuned = args.compile != "none" or args.precision != "fp32" or args.channels_last or args.cuda_graph

@@ -105,12 +105,14 @@ def _train_ssd_stage(tiny_lt, tmp_path, checkpoint, stage="I", device="cpu", epo
         model, loss_fn = stage1_objective(ctx)
     else:
         logits = torch.randn(len(tiny_lt.train), tiny_lt.num_classes, generator=torch.Generator().manual_seed(0))
-        model, loss_fn = distill_objective(ctx, TableTargets(InMemorySoftLabels(logits, 2.0), len(tiny_lt.train), device))
+        targets = TableTargets(InMemorySoftLabels(logits, 2.0), len(tiny_lt.train), device)
+        model, loss_fn = distill_objective(ctx, targets)
     if conv_hook is not None:
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
                 module.register_forward_hook(lambda m, args, out: conv_hook(out))
-    batches = DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, device, 32, AugmentConfig(), key_view=stage == "I")
+    batches = DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, device, 32, AugmentConfig(),
+                            key_view=stage == "I")
     history = ctx.fit(stage=stage, model=model, loss_fn=loss_fn, batches=Window(batches, steps) if steps else batches,
                       optim=OptimConfig(epochs=epochs, warmup_epochs=warmup_epochs),
                       generator=torch.Generator().manual_seed(0), checkpoint=checkpoint, meta={})
