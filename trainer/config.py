@@ -39,7 +39,10 @@ class DataConfig(Frozen):
     imbalance_factor: float = Field(100.0, ge=1.0, description="n_max / n_min of the long-tailed split (1 = keep all)")
     lt_seed: int = Field(0, description="Seed of the legacy NumPy shuffle that picks each class's kept images")
     max_per_class: int | None = Field(None, ge=1, description="Cap n_max (head-class size) to shrink runs on CPU")
-    val_per_class: int = Field(0, ge=0, description="Images per class carved out of the LT train split for validation")
+    val_per_class: int = Field(
+        0, ge=0, description="Balanced validation images per class, from training images outside the LT split "
+        "(a head class with too few lends its last LT images)"
+    )
     test_per_class: int | None = Field(None, ge=1, description="Cap test images per class (None: full test set)")
     train_list: Path | None = Field(None, description="List file 'relative/path.jpg label' (name='list')")
     test_list: Path | None = Field(None, description="Test list file (name='list')")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from trainer.config import DataConfig
-from trainer.longtail import balanced_holdout, lt_indices
+from trainer.longtail import carve_validation, lt_indices
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,12 @@ def load_dataset(cfg: DataConfig) -> LongTailData:
     keep = lt_indices(y_train, cfg.imbalance_factor, seed=cfg.lt_seed, n_max=cfg.max_per_class)
     val = None
     if cfg.val_per_class:
-        val_idx = balanced_holdout(y_train, keep, cfg.val_per_class, cfg.lt_seed)
+        lt_counts = np.bincount(y_train[keep], minlength=len(names))
+        keep, val_idx = carve_validation(y_train, keep, cfg.val_per_class, cfg.lt_seed)
+        lent = np.flatnonzero(np.bincount(y_train[keep], minlength=len(names)) < lt_counts)
+        if len(lent):
+            log.warning("data.val_per_class=%d: classes %s had too few images outside the LT split, so part of their "
+                        "validation images came out of their LT training images", cfg.val_per_class, lent.tolist())
         val = ImageSet(labels=torch.from_numpy(y_train[val_idx]), images=torch.from_numpy(x_train[val_idx]))
     test_idx = _cap_per_class(y_test, cfg.test_per_class)
     train_x, train_y = np.ascontiguousarray(x_train[keep]), y_train[keep]

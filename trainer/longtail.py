@@ -35,21 +35,34 @@ def lt_indices(labels: np.ndarray, imbalance_factor: float, seed: int = 0, n_max
     return np.concatenate(kept)
 
 
-def balanced_holdout(labels: np.ndarray, exclude: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """A class-balanced validation split from training images the LT subset left out (as ImageNet-LT's val is built)."""
+def carve_validation(labels: np.ndarray, keep: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A class-balanced validation split, and the LT training indices it leaves: `(keep, val)`.
+
+    Validation images come from the training images the LT subset left out, as ImageNet-LT's val is built. A head
+    class may have none to spare (CIFAR-10-LT keeps all 5,000 of class 0), so its shortfall comes from the last of
+    its own LT images, which leave training: the split then differs from LDAM-DRW's in those classes only.
+    """
     labels = np.asarray(labels)
     free = np.ones(len(labels), dtype=bool)
-    free[exclude] = False
+    free[keep] = False
     rng = np.random.RandomState(seed + 1)
-    picked = []
+    picked, lent = [], []
     for cls in np.unique(labels):
-        idx = np.where(free & (labels == cls))[0]
-        if len(idx) < per_class:
-            raise ValueError(
-                f"class {cls} has only {len(idx)} images outside the LT split; lower data.val_per_class to ≤ {len(idx)}"
-            )
-        picked.append(rng.permutation(idx)[:per_class])
-    return np.sort(np.concatenate(picked))
+        idx = rng.permutation(np.where(free & (labels == cls))[0])[:per_class]
+        short = per_class - len(idx)
+        if short:
+            own = np.where(labels[keep] == cls)[0]  # positions in keep, LDAM's shuffled order
+            if short >= len(own):
+                raise ValueError(
+                    f"class {cls} has {len(idx) + len(own)} training images in all, too few to hold out {per_class}"
+                    f" and still train on it; lower data.val_per_class to < {len(idx) + len(own)}"
+                )
+            lent.append(own[-short:])
+            idx = np.concatenate([idx, keep[own[-short:]]])
+        picked.append(idx)
+    if lent:
+        keep = np.delete(keep, np.concatenate(lent))
+    return keep, np.sort(np.concatenate(picked))
 
 
 def shot_groups(class_counts: np.ndarray) -> dict[str, np.ndarray]:

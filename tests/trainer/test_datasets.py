@@ -147,3 +147,14 @@ def test_real_cifar10_lt_totals():
         data = load_dataset(DataConfig(name="cifar10_npz", imbalance_factor=factor))
         assert len(data.train) == total and len(data.test) == 10000
         assert data.class_names[0] == "airplane"
+
+
+@pytest.mark.skipif(not CIFAR10_NPZ_CANDIDATES[-1].exists(), reason="../shared/data not beside this checkout")
+def test_real_cifar10_lt_validation_split(caplog):
+    """configs/cifar10_lt/tau_norm.yaml's split: class 0 has no image outside CIFAR-10-LT, so it lends 20 of its own."""
+    data = load_dataset(DataConfig(name="cifar10_npz", imbalance_factor=100, val_per_class=20))
+    assert data.class_counts.tolist() == [5000 - 20, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert np.bincount(data.val.labels.numpy()).tolist() == [20] * 10
+    assert "classes [0] had too few images outside the LT split" in caplog.text
+    train_keys = {row.tobytes() for row in data.train.images.numpy()}
+    assert not any(row.tobytes() in train_keys for row in data.val.images.numpy())

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer.longtail import balanced_holdout, lt_class_sizes, lt_indices, shot_groups
+from trainer.longtail import carve_validation, lt_class_sizes, lt_indices, shot_groups
 
 
 @pytest.mark.parametrize(
@@ -45,11 +45,26 @@ def test_shot_groups_cifar100():
         assert tuple(len(groups[g]) for g in ("many", "medium", "few")) == expected
 
 
-def test_balanced_holdout_is_disjoint_and_balanced():
+def test_validation_comes_from_images_outside_the_lt_split():
     labels = np.repeat(np.arange(5), 100)
     keep = lt_indices(labels, 10, n_max=50)
-    val = balanced_holdout(labels, keep, per_class=20, seed=0)
+    train, val = carve_validation(labels, keep, per_class=20, seed=0)
+    np.testing.assert_array_equal(train, keep)  # every class had 20 to spare: the LT split is untouched
     assert not set(val) & set(keep)
     assert np.bincount(labels[val]).tolist() == [20] * 5
-    with pytest.raises(ValueError, match="val_per_class"):
-        balanced_holdout(labels, keep, per_class=95, seed=0)
+
+
+def test_a_head_class_with_nothing_to_spare_lends_its_last_lt_images():
+    """CIFAR-10-LT keeps every image of class 0: its validation images must come out of its LT images, the rest stay."""
+    labels = np.repeat(np.arange(5), 100)
+    keep = lt_indices(labels, 10)  # class 0 keeps all 100, class 1 keeps 56
+    train, val = carve_validation(labels, keep, per_class=50, seed=0)
+    assert not set(val) & set(train)
+    assert np.bincount(labels[val]).tolist() == [50] * 5
+    sizes = np.bincount(labels[keep])
+    assert np.bincount(labels[train]).tolist() == [50, 56 - 6, *sizes[2:]]  # class 1 had 44 outside, lends 6
+    np.testing.assert_array_equal(train, [i for i in keep if i in set(train)])  # image order kept
+    lent = set(keep) - set(train)
+    assert lent == set(keep[labels[keep] == 0][-50:]) | set(keep[labels[keep] == 1][-6:])
+    with pytest.raises(ValueError, match="lower data.val_per_class to < 100"):
+        carve_validation(labels, keep, per_class=100, seed=0)
