@@ -66,6 +66,9 @@ def device_tag() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; LTD_GIT_COMMIT where the tree travelled without its .git (a lent GPU host)."""
+    if os.environ.get("LTD_GIT_COMMIT"):
+        return os.environ["LTD_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"

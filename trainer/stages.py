@@ -321,6 +321,8 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
         report["stages"][stage] = evaluate(ctx, forward, module=module)
         if ctx.data.val is not None:
             report.setdefault("val", {})[stage] = _headline(evaluate(ctx, forward, ctx.data.val, module=module))
+        log.info("%s stage %s: test %s", cfg.method, stage,  # a run stopped later still says what each stage scored
+                 " ".join(f"{k} {v:.2f}" for k, v in _headline(report["stages"][stage]).items() if v is not None))
 
     if cfg.pipeline == "experts":
         from trainer.expert_stages import train_multi_expert
