@@ -19,7 +19,8 @@ from trainer.checkpoint import load_checkpoint
 
 
 def collect_run(run: Path) -> dict:
-    out: dict = {"config": yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else None}
+    config = run / "config.yaml"
+    out: dict = {"config": yaml.safe_load(config.read_text()) if config.exists() else None}
     if (run / "metrics.json").exists():
         out["metrics"] = json.loads((run / "metrics.json").read_text())
     checkpoints = sorted(run.glob("stage*/checkpoint.pt"))

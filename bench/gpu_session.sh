@@ -76,7 +76,10 @@ a=$!
 slot "train lws_if100 configs/cifar10_lt/lws.yaml
       train ssd_if100_w10 configs/cifar10_lt/ssd.yaml"
 b=$!
-while kill -0 $a 2>/dev/null || kill -0 $b 2>/dev/null; do sleep 5; [ $(( ($(date +%s) - START) % 60 )) -lt 5 ] && pack; done
+while kill -0 $a 2>/dev/null || kill -0 $b 2>/dev/null; do
+  sleep 5
+  [ $((($(date +%s) - START) % 60)) -lt 5 ] && pack
+done
 stamp "runs stopped or done"
 pack
 grep -o -E "[a-z_]+ stage [A-Za-z_]+: test .*" "$WORK"/logs/*.log

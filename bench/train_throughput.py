@@ -280,8 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         default=RunConfig.model_fields["channels_last"].default,
                         help="Our model in NHWC layout (RunConfig.channels_last, on by default); NCHW measured too")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="Replay our whole step from a CUDA graph (RunConfig.cuda_graph; GPU only)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="Replay our whole step from a CUDA graph (RunConfig.cuda_graph; default: on a GPU, as "
+                             "training's 'auto')")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="Also profile STEPS of our steps (torch.profiler): launches per step and the top ops")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -289,6 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu = args.device != "cpu" and torch.cuda.is_available()
     args.steps = args.steps or (200 if gpu else 20)
     args.warmup = args.warmup if args.warmup is not None else (20 if gpu else 3)
+    if args.cuda_graph is None:  # as training's 'auto': on a GPU, unless torch.compile brings its own graphs
+        args.cuda_graph = gpu and args.compile == "none"
     return args
 
 

@@ -49,9 +49,18 @@ class RunContext:
         keep |= {"stage4"} if stage == "IV" else set()
         return {"fingerprint": self.data.fingerprint, "config": self.cfg.model_dump_json(include=keep)}
 
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether training steps replay from CUDA graphs: cuda_graph=true, or 'auto' where the graphed step was
+        checked against eager on a GPU (one CUDA device, no torch.compile, the flat-batch joint/decoupled/SSD steps)."""
+        if self.cfg.cuda_graph != "auto":
+            return self.cfg.cuda_graph
+        return (self.device.type == "cuda" and self.shard is None and self.cfg.compile == "none"
+                and self.cfg.pipeline != "experts")
+
     def fit(self, **kwargs) -> list[dict]:
-        """engine.fit at this run's precision and memory layout: every stage trains through here, so none can miss it."""
-        return fit(precision=self.cfg.precision, channels_last=self.cfg.channels_last, cuda_graph=self.cfg.cuda_graph,
+        """engine.fit at this run's precision, memory layout and graph mode: every stage trains through here."""
+        return fit(precision=self.cfg.precision, channels_last=self.cfg.channels_last, cuda_graph=self.cuda_graph,
                    **kwargs)
 
     def generator(self, salt: int) -> torch.Generator:

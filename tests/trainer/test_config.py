@@ -55,3 +55,26 @@ def test_yaml_must_be_a_mapping(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "device, overrides, shard, graphed",
+    [
+        ("cuda", [], None, True),  # 'auto', the default: SSD on one GPU replays its steps from CUDA graphs
+        ("cuda", ["method=ce"], None, True),
+        ("cuda", ["method=lws"], None, True),
+        ("cpu", [], None, False),
+        ("cuda", ["method=bbn"], None, False),  # expert steps were never checked against eager on a GPU
+        ("cuda", ["compile=reduce-overhead"], None, False),  # torch.compile brings its own graphs
+        ("cuda", [], (0, 2), False),  # a data-parallel rank: DDP's hooks run outside any graph
+        ("cuda", ["cuda_graph=false"], None, False),
+        ("cpu", ["cuda_graph=true"], None, True),  # asked for: engine.fit warns and trains eagerly (test_engine)
+    ],
+)
+def test_cuda_graph_auto_is_on_where_the_graphed_step_was_checked(tiny_lt, tmp_path, device, overrides, shard, graphed):
+    import torch
+
+    from trainer.stages import RunContext
+
+    ctx = RunContext(load_config(None, overrides), tiny_lt, torch.device(device), tmp_path, shard)
+    assert ctx.cuda_graph is graphed
