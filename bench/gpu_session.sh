@@ -4,11 +4,13 @@
 #
 #   bash bench/gpu_session.sh OUT [DEADLINE_S]
 #
-# Runs in the repository root under the host's python3 (PY to change it). OUT receives three files, refreshed every
+# Runs in the repository root under the host's python3 (PY to change it). OUT receives a few files, refreshed every
 # minute so a hard stop still leaves them: session.tgz (logs, benchmark JSON, runs.json), runs.json
 # (bench/collect_runs.py: per-epoch history of every stage, finished or not, and metrics of finished runs) and the
-# benchmark's JSON. Runs still going at the deadline are stopped. Knobs for a smoke run on a CPU: BENCH_ARGS,
-# TRAIN_ARGS (extra overrides for every run), TEST_TIMEOUT, WORK.
+# benchmarks' JSON. Runs still going at the deadline are stopped; re-running the same `ltd train` command on the same
+# machine resumes them. What to run: BENCHES (';'-separated bench/train_throughput.py argument sets), SLOT_A and
+# SLOT_B (lines 'name config overrides...', run in order, the two slots side by side). Knobs for a smoke run on a
+# CPU: TRAIN_ARGS (extra overrides for every run), TEST_TIMEOUT, BENCH_TIMEOUT, WORK.
 set -u
 OUT=${1:?usage: gpu_session.sh OUT [DEADLINE_S]}
 DEADLINE=${2:-540}
@@ -35,27 +37,33 @@ $PY -c "from trainer.config import DataConfig; from trainer.datasets import load
 load_dataset(DataConfig(name='cifar10_npz'))" > "$WORK/logs/decode.log" 2>&1 &
 decode=$!
 
-timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_engine.py \
-  tests/trainer/test_augment.py tests/trainer/test_classifiers.py tests/trainer/test_losses.py \
-  > "$WORK/logs/gpu_tests.log" 2>&1
-tests_rc=$?
+gpu_tests() {  # log name, then pytest's selection
+  local log=$1; shift
+  timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -m gpu -q -p no:cacheprovider "$@" tests/trainer/test_engine.py \
+    tests/trainer/test_augment.py tests/trainer/test_classifiers.py tests/trainer/test_losses.py > "$WORK/logs/$log" 2>&1
+}
+gpu_tests gpu_tests.log -k "not compiled_kernels"
+tests_rc=$?  # decides whether the runs below use CUDA graphs
 stamp "gpu tests rc=$tests_rc: $(tail -1 "$WORK/logs/gpu_tests.log")"
+gpu_tests gpu_tests_compile.log -k compiled_kernels
+stamp "compiled-kernels-in-the-graph test rc=$?: $(tail -1 "$WORK/logs/gpu_tests_compile.log")"
 wait $decode
 
-# Nothing else may use the GPU while the throughput is timed.
-TQDM_DISABLE=1 timeout 200 $PY bench/train_throughput.py --out "$WORK/bench" \
-  ${BENCH_ARGS:---cuda-graph --precision bf16 --rounds 2 --profile 20} > "$WORK/logs/bench.log" 2>&1
-bench_rc=$?
-stamp "bench rc=$bench_rc: $(grep -- '->' "$WORK/logs/bench.log" | tail -1)"
-if [ $bench_rc -ne 0 ] && [ -z "${BENCH_ARGS:-}" ]; then  # no graph step: the eager bf16 row still says something
-  TQDM_DISABLE=1 timeout 120 $PY bench/train_throughput.py --out "$WORK/bench" --precision bf16 --rounds 1 \
-    > "$WORK/logs/bench_eager.log" 2>&1
-  stamp "eager bench rc=$?: $(grep -- '->' "$WORK/logs/bench_eager.log" | tail -1)"
-fi
+# Nothing else may use the GPU while the throughput is timed. BENCHES: ';'-separated argument sets, one run each.
+default_benches="--cuda-graph --compile default --precision bf16 --rounds 1 --profile 20"
+default_benches+=";--cuda-graph --precision bf16 --no-channels-last --rounds 1"
+IFS=';' read -ra benches <<< "${BENCHES-$default_benches}"
+for i in "${!benches[@]}"; do
+  TQDM_DISABLE=1 timeout "${BENCH_TIMEOUT:-240}" $PY bench/train_throughput.py --out "$WORK/bench" ${benches[$i]} \
+    > "$WORK/logs/bench$i.log" 2>&1
+  stamp "bench ${benches[$i]}: rc=$?: $(grep -- '->' "$WORK/logs/bench$i.log" | tail -1)"
+done
 pack
 
-# Full-schedule runs, two at a time on the one GPU, in order of what they answer; the whole-step CUDA graph only
-# where the tests showed it trains like eager.
+# Full-schedule runs, two slots on the one GPU, each a list of 'name config overrides...' lines run in order (the
+# table's next cells first); the whole-step CUDA graph only where the tests showed it trains like eager.
+SLOT_A=${SLOT_A-"lws_if50 configs/cifar10_lt/lws.yaml data.imbalance_factor=50"}
+SLOT_B=${SLOT_B-"lws_if10 configs/cifar10_lt/lws.yaml data.imbalance_factor=10"}
 graph=$([ $tests_rc -eq 0 ] && echo true || echo false)
 train() {  # name config overrides...
   local name=$1 config=$2; shift 2
@@ -66,15 +74,13 @@ train() {  # name config overrides...
 }
 budget=$(($(left) - 20))
 [ "$budget" -gt 10 ] || budget=10
-slot() {  # runs one after another in the background, all stopped at the deadline
+slot() {  # one slot's lines as train calls, one after another, in the background; stopped at the deadline
   timeout "$budget" bash -c "$(declare -f train stamp); START=$START graph=$graph PY=$PY WORK=$WORK RUNS=$RUNS
-    TRAIN_ARGS='${TRAIN_ARGS:-}'; $1" &
+    TRAIN_ARGS='${TRAIN_ARGS:-}'; $(sed -n 's/^ *\([^ ].*\)$/train \1/p' <<< "$1")" &
 }
-slot "train ssd_if100_w03 configs/cifar10_lt/ssd.yaml stage1.moco.weight=0.3
-      train ssd_if50_w03 configs/cifar10_lt/ssd.yaml stage1.moco.weight=0.3 data.imbalance_factor=50"
+slot "$SLOT_A"
 a=$!
-slot "train lws_if100 configs/cifar10_lt/lws.yaml
-      train ssd_if100_w10 configs/cifar10_lt/ssd.yaml"
+slot "$SLOT_B"
 b=$!
 while kill -0 $a 2>/dev/null || kill -0 $b 2>/dev/null; do
   sleep 5

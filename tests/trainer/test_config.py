@@ -41,7 +41,8 @@ def test_method_sets_stage_defaults_and_overrides_win():
         (["method=lws", "stage1.loss.name=ldam"], "cosine head"),
         (["compile=reduce-overhead", "distributed.num_workers=2"], "compile=none"),
         (["compile=max-speed"], "reduce-overhead"),
-        (["cuda_graph=true", "compile=reduce-overhead"], "set compile=none"),
+        (["cuda_graph=true", "compile=reduce-overhead"], "set compile=default"),
+        (["cuda_graph=true", "distributed.num_workers=2"], "num_workers=1"),
         (["cuda_graph=true", "method=bbn"], "cuda_graph=false"),
     ],
 )
@@ -66,6 +67,8 @@ def test_yaml_must_be_a_mapping(tmp_path):
         ("cpu", [], None, False),
         ("cuda", ["method=bbn"], None, False),  # expert steps were never checked against eager on a GPU
         ("cuda", ["compile=reduce-overhead"], None, False),  # torch.compile brings its own graphs
+        ("cuda", ["compile=default"], None, False),  # Inductor's kernels in our graph: only when asked for
+        ("cuda", ["compile=default", "cuda_graph=true"], None, True),
         ("cuda", [], (0, 2), False),  # a data-parallel rank: DDP's hooks run outside any graph
         ("cuda", ["cuda_graph=false"], None, False),
         ("cpu", ["cuda_graph=true"], None, True),  # asked for: engine.fit warns and trains eagerly (test_engine)

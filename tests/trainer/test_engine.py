@@ -164,11 +164,21 @@ def test_channels_last_trains_like_nchw_and_resumes_across_layouts(tiny_lt, tmp_
         torch.testing.assert_close(resumed_state[key], value, rtol=1e-2, atol=1e-3)
 
 
-def _graph_run(tiny_lt, tmp_path, device, stage, cuda_graph):
+def _graph_run(tiny_lt, tmp_path, device, stage, cuda_graph, compile="none"):
     """2 whole epochs (a short last batch each), the learning rate rising over the first, with or without graphs."""
-    history, model = _train_ssd_stage(tiny_lt, tmp_path, tmp_path / f"{stage}{cuda_graph}.pt", stage, device,
-                                      epochs=2, warmup_epochs=1, cuda_graph=cuda_graph)
+    history, model = _train_ssd_stage(tiny_lt, tmp_path, tmp_path / f"{stage}{cuda_graph}{compile}.pt", stage, device,
+                                      epochs=2, warmup_epochs=1, cuda_graph=cuda_graph, compile=compile)
     return history, {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+def _assert_graphed_like_eager(tiny_lt, eager, eager_state, graphed, graphed_state):
+    """Every full batch after 3 warm-up steps replayed (the short last batch ran eagerly), and the run ended with the
+    eager run's losses and weights."""
+    full = len(tiny_lt.train) // 32
+    assert len(tiny_lt.train) % 32 and [h["graph_replays"] for h in graphed] == [full - 3, full]
+    assert [h["loss"] for h in graphed] == pytest.approx([h["loss"] for h in eager], rel=1e-4)
+    for key, value in eager_state.items():
+        torch.testing.assert_close(graphed_state[key], value, rtol=1e-3, atol=1e-4)
 
 
 def test_cuda_graph_on_a_cpu_trains_eagerly_with_a_warning(tiny_lt, tmp_path, caplog):
@@ -188,11 +198,16 @@ def test_cuda_graph_replays_full_batches_and_trains_like_eager(tiny_lt, tmp_path
     eager run's losses and weights."""
     eager, eager_state = _graph_run(tiny_lt, tmp_path, "cuda", stage, False)
     graphed, graphed_state = _graph_run(tiny_lt, tmp_path, "cuda", stage, True)
-    full = len(tiny_lt.train) // 32
-    assert len(tiny_lt.train) % 32 and [h["graph_replays"] for h in graphed] == [full - 3, full]
-    assert [h["loss"] for h in graphed] == pytest.approx([h["loss"] for h in eager], rel=1e-4)
-    for key, value in eager_state.items():
-        torch.testing.assert_close(graphed_state[key], value, rtol=1e-3, atol=1e-4)
+    _assert_graphed_like_eager(tiny_lt, eager, eager_state, graphed, graphed_state)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_replay_inside_the_whole_step_graph(tiny_lt, tmp_path):
+    """compile=default with cuda_graph=true: stage I's backbone and MoCo key path compile while the first steps warm
+    up eagerly, and Inductor's kernels then replay inside the whole-step graph, training like the eager run."""
+    eager, eager_state = _graph_run(tiny_lt, tmp_path, "cuda", "I", False)
+    graphed, graphed_state = _graph_run(tiny_lt, tmp_path, "cuda", "I", True, compile="default")
+    _assert_graphed_like_eager(tiny_lt, eager, eager_state, graphed, graphed_state)
 
 
 class Window:
