@@ -81,7 +81,10 @@ class GraphedStep:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, stream=self._side_stream()):
-                    self.outputs = self.step(self.static, progress)
+                    loss, parts = self.step(self.static, progress)
+                # Replays rewrite the loss in place; detached, it no longer keeps the captured autograd graph (and
+                # its side-stream AccumulateGrad nodes) alive into the next eager step on the default stream.
+                self.outputs = (loss.detach(), parts)
             except RuntimeError as err:
                 raise RuntimeError(f"cuda_graph: this training step cannot be captured as a CUDA graph ({err}); "
                                    "set cuda_graph=false (checkpoints of finished epochs are kept)") from err
