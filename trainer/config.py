@@ -236,9 +236,9 @@ class RunConfig(Frozen):
     cuda_graph: bool | Literal["auto"] = Field(
         "auto", description="Replay each training step whole (forward, backward, SGD update) from one CUDA graph, "
         "captured anew every epoch: one launch instead of about a thousand for a small net (trainer/graphs.py); 2.3x "
-        "faster SSD runs on an H200, same results (bench/README.md). 'auto': on for one CUDA device with compile=none "
-        "and a joint, decoupled or SSD method (the steps checked on a GPU); true: ask for it (a CPU warns and trains "
-        "eagerly), also with compile=default, whose fused Inductor kernels then replay inside the graph")
+        "faster SSD runs on an H200, same results (bench/README.md). 'auto': on for one CUDA device with compile=none, "
+        "a joint, decoupled or SSD method and an in-memory dataset (what was checked on a GPU); true: ask for it (a "
+        "CPU warns and trains eagerly), also with compile=default, whose Inductor kernels then replay inside the graph")
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end)")
     out_dir: Path = Field(Path("runs/default"), description="Run folder: config, checkpoints, metrics, plots")
 
@@ -271,9 +271,9 @@ class RunConfig(Frozen):
         if self.compile != "none" and self.distributed.num_workers > 1:
             raise ValueError("compile with distributed.num_workers > 1 is not supported yet: set compile=none")
         if self.cuda_graph is True and self.compile == "reduce-overhead":
-            raise ValueError("cuda_graph captures the whole step itself, and compile=reduce-overhead brings CUDA graphs "
-                             "of its own: set compile=default (Inductor's kernels inside our graph) or compile=none, "
-                             "or cuda_graph=false")
+            raise ValueError("cuda_graph captures the whole step itself, and compile=reduce-overhead brings CUDA "
+                             "graphs of its own: set compile=default (Inductor's kernels inside our graph) or "
+                             "compile=none, or cuda_graph=false")
         if self.cuda_graph is True and self.distributed.num_workers > 1:
             raise ValueError("cuda_graph captures the step on one device: set distributed.num_workers=1 or "
                              "cuda_graph=false")

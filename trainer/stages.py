@@ -52,11 +52,12 @@ class RunContext:
     @property
     def cuda_graph(self) -> bool:
         """Whether training steps replay from CUDA graphs: cuda_graph=true, or 'auto' where the graphed step was
-        checked against eager on a GPU (one CUDA device, no torch.compile, the flat-batch joint/decoupled/SSD steps)."""
+        checked against eager on a GPU: one CUDA device, no torch.compile, the joint/decoupled/SSD steps, batches
+        from an in-memory dataset (list-file datasets and their DataLoader have not trained graphed on a GPU yet)."""
         if self.cfg.cuda_graph != "auto":
             return self.cfg.cuda_graph
         return (self.device.type == "cuda" and self.shard is None and self.cfg.compile == "none"
-                and self.cfg.pipeline != "experts")
+                and self.cfg.pipeline != "experts" and self.data.in_memory)
 
     def fit(self, **kwargs) -> list[dict]:
         """engine.fit at this run's precision, memory layout and graph mode: every stage trains through here."""

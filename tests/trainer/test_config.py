@@ -81,3 +81,19 @@ def test_cuda_graph_auto_is_on_where_the_graphed_step_was_checked(tiny_lt, tmp_p
 
     ctx = RunContext(load_config(None, overrides), tiny_lt, torch.device(device), tmp_path, shard)
     assert ctx.cuda_graph is graphed
+
+
+def test_cuda_graph_auto_leaves_list_file_datasets_eager(tiny_lt, tmp_path):
+    """A list-file split (paths, decoded by DataLoader workers) has not trained graphed on a GPU: 'auto' stays off."""
+    import dataclasses
+
+    import torch
+
+    from trainer.datasets import ImageSet
+    from trainer.stages import RunContext
+
+    listed = ImageSet(labels=tiny_lt.train.labels, paths=tuple(f"{i}.jpg" for i in range(len(tiny_lt.train))),
+                      root=tmp_path)
+    data = dataclasses.replace(tiny_lt, train=listed)
+    assert not RunContext(load_config(None, []), data, torch.device("cuda"), tmp_path).cuda_graph
+    assert RunContext(load_config(None, ["cuda_graph=true"]), data, torch.device("cuda"), tmp_path).cuda_graph
