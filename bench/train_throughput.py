@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from trainer.batches import Batch, DeviceBatches
+from trainer.batches import Batch, DeviceBatches, Draw
 from trainer.config import AugmentConfig, DataConfig, OptimConfig, RunConfig, Stage3Config
 from trainer.datasets import LongTailData, load_dataset
 from trainer.engine import LossFn, fit
@@ -44,10 +44,12 @@ def load_data() -> LongTailData:
 
 
 def context(data: LongTailData, device: torch.device, compile_mode: str = "none", precision: str = "fp32",
-            channels_last: bool = False, cuda_graph: bool = False) -> RunContext:
-    """An SSD run context with the paper's ResNet-32 (stage objectives read model, MoCo and KD settings from it)."""
+            channels_last: bool = False, cuda_graph: bool = False, cudnn_benchmark: bool = False) -> RunContext:
+    """An SSD run context with the paper's ResNet-32 (stage objectives read model, MoCo and KD settings from it).
+
+    The defaults are the plain loop's: fp32, eager, NCHW, no cuDNN autotuning (torch's default)."""
     cfg = RunConfig(method="ssd", model={"arch": ARCH}, compile=compile_mode, precision=precision,
-                    channels_last=channels_last, cuda_graph=cuda_graph,
+                    channels_last=channels_last, cuda_graph=cuda_graph, cudnn_benchmark=cudnn_benchmark,
                     out_dir=Path(tempfile.gettempdir()) / "ltd-bench")
     return RunContext(cfg, data, device, cfg.out_dir)
 
@@ -60,12 +62,28 @@ def soft_label_source(data: LongTailData) -> InMemorySoftLabels:
 
 # --- Batch sources: ours (DeviceBatches) and the plain per-image PIL + torchvision transforms + DataLoader recipe.
 
-def device_stream(data: LongTailData, device: torch.device, batch_size: int, key_view: bool) -> Iterator[Batch]:
-    """Endless batches from DeviceBatches (the path make_batches takes for CIFAR), epoch after epoch."""
+@dataclass
+class Stream:
+    """Endless step inputs and how a step turns one into a Batch (engine.fit's draws / realize)."""
+
+    inputs: Iterator[Batch | Draw]
+    realize: Callable[[Batch | Draw], Batch] = lambda batch: batch
+
+    def close(self) -> None:
+        self.inputs.close()  # stops a DataLoader's workers
+
+
+def device_stream(data: LongTailData, device: torch.device, batch_size: int, key_view: bool) -> Stream:
+    """Endless draws from DeviceBatches (the path make_batches takes for CIFAR), epoch after epoch; each step realizes
+    (gathers and augments) its draw, as in training."""
     batches = DeviceBatches(data.train, data.mean, data.std, device, batch_size, AugmentConfig(), key_view=key_view)
-    generator = torch.Generator().manual_seed(1)
-    while True:
-        yield from batches.epoch(0.0, generator)
+
+    def endless() -> Iterator[Draw]:
+        generator = torch.Generator().manual_seed(1)
+        while True:
+            yield from batches.draws(0.0, generator)
+
+    return Stream(endless(), batches.realize)
 
 
 def plain_transforms(size: int, mean, std, key_view: bool, flavour: str):
@@ -115,53 +133,59 @@ class LoaderBatch(Batch):
 
 
 def loader_stream(data: LongTailData, device: torch.device, batch_size: int, workers: int, key_view: bool,
-                  flavour: str, soft_table: torch.Tensor | None) -> Iterator[Batch]:
+                  flavour: str, soft_table: torch.Tensor | None) -> Stream:
     """Endless batches of the plain loop: DataLoader(shuffle, workers, pin_memory on CUDA), then .to(device)."""
     query, key = plain_transforms(data.train.images.shape[-1], data.mean, data.std, key_view, flavour)
     dataset = PlainCifar(data.train.images, data.train.labels, query, key)
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(1))
-    while True:  # one pass per epoch, workers restarting each time, as `for epoch ...: for batch in loader` does
-        for ids, labels, images, keys in loader:
-            yield LoaderBatch(
-                ids=ids.to(device), labels=labels.to(device, non_blocking=cuda),
-                images=images.to(device, non_blocking=cuda),
-                key_images=keys.to(device, non_blocking=cuda) if keys.numel() else None,
-                soft=soft_table[ids].to(device, non_blocking=cuda) if soft_table is not None else None,
-            )
+
+    def endless() -> Iterator[Batch]:
+        while True:  # one pass per epoch, workers restarting each time, as `for epoch ...: for batch in loader` does
+            for ids, labels, images, keys in loader:
+                yield LoaderBatch(
+                    ids=ids.to(device), labels=labels.to(device, non_blocking=cuda),
+                    images=images.to(device, non_blocking=cuda),
+                    key_images=keys.to(device, non_blocking=cuda) if keys.numel() else None,
+                    soft=soft_table[ids].to(device, non_blocking=cuda) if soft_table is not None else None,
+                )
+
+    return Stream(endless())
 
 
 # --- Timing through the real loop.
 
 class Window:
-    """A batch source for engine.fit: its epoch 0 takes `warmup` batches from the stream, epoch 1 the `steps` timed.
+    """A batch source for engine.fit: its epoch 0 takes `warmup` inputs from the stream, epoch 1 the `steps` timed.
 
     fit times each epoch itself (img_s in its history); synchronising CUDA at the end of the generator puts the last
     step's kernels inside that timed span.
     """
 
-    def __init__(self, stream: Iterator[Batch], warmup: int, steps: int, device: torch.device):
+    def __init__(self, stream: Stream, warmup: int, steps: int, device: torch.device):
         self.stream, self.warmup, self.steps, self.device = stream, warmup, steps, device
+        self.realize = stream.realize
         self.calls = 0
 
-    def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def draws(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch | Draw]:
         count = self.warmup if self.calls == 0 else self.steps
         self.calls += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for _ in range(count):
-            yield next(self.stream)
+            yield next(self.stream.inputs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
 
 def tuned_context(data: LongTailData, device: torch.device, args) -> RunContext:
-    """Our step as the command line tunes it (compile, precision, layout, CUDA graph)."""
-    return context(data, device, args.compile, args.precision, args.channels_last, args.cuda_graph)
+    """Our step as the command line tunes it (compile, precision, layout, CUDA graph, cuDNN autotuning)."""
+    return context(data, device, args.compile, args.precision, args.channels_last, args.cuda_graph,
+                   args.cudnn_benchmark)
 
 
-def measure(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
+def measure(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Stream, warmup: int, steps: int,
             device: torch.device, cfg: RunConfig) -> float:
     """Images/s over `steps` training steps after `warmup` untimed ones, through engine.fit (SGD, zero_grad, step)."""
     optim = OptimConfig(epochs=2, warmup_epochs=0, batch_size=1)  # lr schedule and batch_size do not affect timing
@@ -170,13 +194,14 @@ def measure(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batc
             history = fit(stage=stage, model=parts, loss_fn=loss_fn, batches=Window(stream, warmup, steps, device),
                           optim=optim, generator=torch.Generator().manual_seed(0),
                           checkpoint=Path(tmp) / "checkpoint.pt", meta={}, precision=cfg.precision,
-                          channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph)
+                          channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph,
+                          cudnn_benchmark=cfg.cudnn_benchmark)
     finally:
-        stream.close()  # stops the DataLoader's workers
+        stream.close()
     return history[1]["img_s"]
 
 
-def profile_step(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator[Batch], warmup: int, steps: int,
+def profile_step(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Stream, warmup: int, steps: int,
                  device: torch.device, cfg: RunConfig, top: int = 15) -> dict:
     """Where one of our steps spends its time: torch.profiler over `steps` steps after `warmup` unrecorded ones.
 
@@ -190,11 +215,11 @@ def profile_step(stage: str, parts: nn.Module, loss_fn: LossFn, stream: Iterator
     with profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=steps)) as prof:
 
         def stepped():
-            for batch in stream:
+            for draw in stream.inputs:
                 prof.step()
-                yield batch
+                yield draw
 
-        measure(stage, parts, loss_fn, stepped(), warmup + 1, steps, device, cfg)
+        measure(stage, parts, loss_fn, Stream(stepped(), stream.realize), warmup + 1, steps, device, cfg)
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel"))
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -209,12 +234,14 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
 
     Best, not mean, as timeit does: on a shared machine other work only ever slows a run down (on 2 busy cores a
     2-thread OpenMP step can stall many times over), so the fastest run is the closest to what the code costs.
-    With --compile, --precision bf16, --channels-last (the default) or --cuda-graph, "ours" is that step and
-    "ours_untuned" the same pipeline in fp32, eager, NCHW (the row's untuned_img_s), so the row separates what the
-    input pipeline gives from what the tuning gives; the baseline is always the plain fp32 eager NCHW loop.
+    With --compile, --precision bf16, --channels-last (the default), --cuda-graph or --cudnn-benchmark (on a GPU),
+    "ours" is that step and "ours_untuned" the same pipeline in fp32, eager, NCHW, without autotuning (the row's
+    untuned_img_s), so the row separates what the input pipeline gives from what the tuning gives; the baseline is
+    always the plain fp32 eager NCHW loop with torch's default (no) cuDNN autotuning.
     """
     runs: dict[str, list[float]] = {"ours": [], "baseline": []}
     tuned = args.compile != "none" or args.precision != "fp32" or args.channels_last or args.cuda_graph
+    tuned |= args.cudnn_benchmark and device.type == "cuda"
     if tuned:
         runs["ours_untuned"] = []
     source = soft_label_source(data) if stage == "III" else None
@@ -250,7 +277,8 @@ def bench_stage(stage: str, data: LongTailData, device: torch.device, args, work
     return {
         "stage": stage, "ours_img_s": round(ours_img_s, 1), "baseline_img_s": round(base_img_s, 1),
         "ratio": round(ours_img_s / base_img_s, 3), "compile": args.compile, "precision": args.precision,
-        "channels_last": args.channels_last, "cuda_graph": args.cuda_graph, **untuned,
+        "channels_last": args.channels_last, "cuda_graph": args.cuda_graph,
+        "cudnn_benchmark": args.cudnn_benchmark and device.type == "cuda", **untuned,
         "device": device.type, "batch_size": args.batch_size,
         "steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
         "dataset": "cifar10_lt" if data.name == "cifar10_npz" else f"{data.name}_lt",
@@ -283,6 +311,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="Replay our whole step from a CUDA graph (RunConfig.cuda_graph; default: on a GPU, as "
                              "training's 'auto')")
+    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction,
+                        default=RunConfig.model_fields["cudnn_benchmark"].default,
+                        help="cuDNN autotuning in our step (RunConfig.cudnn_benchmark, on by default); GPU only")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="Also profile STEPS of our steps (torch.profiler): launches per step and the top ops")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -313,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", __file__, *argv])
     suffix = ("_compile" if args.compile != "none" else "") + ("_bf16" if args.precision == "bf16" else "")
     suffix += ("_graph" if args.cuda_graph else "") + ("" if args.channels_last else "_nchw")
+    suffix += "" if args.cudnn_benchmark or device.type != "cuda" else "_noautotune"
     name = "train_throughput" + suffix
     path = write_results("train_throughput", rows, command=command, out_dir=args.out, name=name,
                          extra={"arch": ARCH, "torch_threads": torch.get_num_threads()})

@@ -40,11 +40,14 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return TF.to_dtype(images, torch.float32, scale=True)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(x - mean_c) / std_c per channel; len(mean) == len(std) == C (1 or 3)."""
+def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+              ) -> torch.Tensor:
+    """(x - mean_c) / std_c per channel; len(mean) == len(std) == C (1 or 3). In a loop on a GPU pass mean and std as
+    tensors on the images' device: lists become a CUDA tensor per call, a copy that waits for the GPU to drain."""
     if len(mean) != images.shape[-3] or len(std) != images.shape[-3]:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries, the images {images.shape[-3]} channels")
-    return TF.normalize(images, mean=list(mean), std=list(std))
+    mean, std = (torch.as_tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1) for v in (mean, std))
+    return (images - mean) / std  # torchvision's normalize, which wants lists
 
 
 def sample_crop_flip(n: int, padding: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -237,12 +240,49 @@ def color_jitter(
     return apply_color_jitter(images, factors)
 
 
+def apply_grayscale(images: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Chosen RGB images (bool (N,)) become their luma in all 3 channels; C=1 is returned as is."""
+    if images.shape[1] == 1:
+        return images
+    chosen = to_device(chosen, images.device).bool()
+    return torch.where(chosen[:, None, None, None], TF.rgb_to_grayscale(images, num_output_channels=3), images)
+
+
 def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """RandomGrayscale(p) per image: chosen RGB images become their luma in all 3 channels; C=1 is returned as is."""
     if images.shape[1] == 1:
         return images
-    chosen = to_device(_bernoulli(images.shape[0], p, generator), images.device)
-    return torch.where(chosen[:, None, None, None], TF.rgb_to_grayscale(images, num_output_channels=3), images)
+    return apply_grayscale(images, _bernoulli(images.shape[0], p, generator))
+
+
+# Columns of a MoCo key view's parameter row (sample_moco_view): crop box, flip, jitter factors, grayscale.
+MOCO_BOX, MOCO_FLIP, MOCO_JITTER, MOCO_GRAY = slice(0, 4), 4, slice(5, 9), 9
+
+
+def sample_moco_view(shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, 10) float parameters of the MoCo-v2 key view (columns MOCO_*) of images of `shape` (N, C, H, W).
+
+    One tensor, so a batch's key views reach the GPU in one copy and a CUDA graph of the step can apply them. Drawn
+    in the order they are applied; grayscale is not drawn for C=1 (as random_grayscale), so runs stay reproducible.
+    """
+    n, channels, height, width = shape
+    boxes = sample_resized_crop_boxes(n, height, width, (0.2, 1.0), (3 / 4, 4 / 3), generator)
+    flips = _bernoulli(n, 0.5, generator)
+    jitter = sample_jitter_factors(n, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=generator)
+    gray = _bernoulli(n, 0.2, generator) if channels != 1 else torch.zeros(n, dtype=torch.bool)
+    return torch.cat([boxes, flips[:, None].float(), jitter, gray[:, None].float()], 1)
+
+
+def apply_moco_view(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
+    """Replay `sample_moco_view` parameters: uint8 or float (N, C, H, W) -> float (N, C, size, size) in [0, 1].
+
+    Device ops only (no host sync, fixed shapes), so it can run inside a captured training step.
+    """
+    params = to_device(params, images.device)
+    x = images if images.is_floating_point() else to_float(images)
+    x = apply_resized_crop(x, params[:, MOCO_BOX], params[:, MOCO_FLIP] > 0, size)
+    x = apply_color_jitter(x, params[:, MOCO_JITTER])
+    return apply_grayscale(x, params[:, MOCO_GRAY] > 0)
 
 
 def moco_view(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -251,10 +291,4 @@ def moco_view(images: torch.Tensor, size: int, generator: torch.Generator | None
     uint8 (N, C, H, W) -> float (N, C, size, size) in [0, 1], not normalised. No blur (RECIPES.md: 32-px analogue).
     The flip is done with the crop: jitter and grayscale are per-pixel or whole-image ops, so they commute with it.
     """
-    n, _, h, w = images.shape
-    boxes = sample_resized_crop_boxes(n, h, w, (0.2, 1.0), (3 / 4, 4 / 3), generator)
-    flips = _bernoulli(n, 0.5, generator)
-    x = images if images.is_floating_point() else to_float(images)
-    x = apply_resized_crop(x, boxes, flips, size)
-    x = color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=generator)
-    return random_grayscale(x, 0.2, generator)
+    return apply_moco_view(images, sample_moco_view(images.shape, generator), size)

@@ -27,6 +27,22 @@ class Batch:
     views: torch.Tensor | None = None  # (B,) index of the stored view each image replays (views mode)
 
 
+@dataclass
+class Draw:
+    """A training batch before augmentation: which images, and every random view parameter, on the device.
+
+    DeviceBatches draws it on the host from the seeded generator and `realize`s it with device ops only, inside the
+    training step: so a CUDA graph of the step (trainer/graphs.py) holds the augmentation too, and each step copies a
+    few small tensors into the graph instead of two float image batches.
+    """
+
+    ids: torch.Tensor  # (B,) image ids on the device
+    labels: torch.Tensor  # (B,)
+    crop: torch.Tensor | None = None  # (B, 3) crop + flip of the standard view (augment.sample_crop_flip)
+    key: torch.Tensor | None = None  # (B, 10) MoCo key-view parameters (augment.sample_moco_view)
+    views: torch.Tensor | None = None  # (B,) index of the stored view each image replays (views mode)
+
+
 class DeviceBatches:
     """The whole split as one uint8 tensor on the training device; each batch is gathered and augmented at once.
 
@@ -51,7 +67,9 @@ class DeviceBatches:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.labels_cpu = split.labels
-        self.mean, self.std = mean, std
+        # On the device once: a Python list made a CUDA tensor per batch is a pageable copy, which waits for the GPU
+        # queue to drain (a host sync every batch) and cannot be captured in a CUDA graph.
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
         self.batch_size = batch_size
         self.augment_cfg = augment_cfg
         self.sampler = sampler
@@ -59,10 +77,10 @@ class DeviceBatches:
         self.drop_last = drop_last
         self.shard = shard  # (rank, world): data-parallel, this rank's strided part of each global epoch order
         # (N, K, 5) stored view records: when set, each image replays one of its K views instead of a random crop
+        self.padding = augment_cfg.crop_padding if augment_cfg else 0
         self.view_params = None
         if view_records is not None:
-            padding = augment_cfg.crop_padding if augment_cfg else 0
-            flat = augment.boxes_to_crop_flip(view_records.reshape(-1, 5).float(), padding)
+            flat = augment.boxes_to_crop_flip(view_records.reshape(-1, 5).float(), self.padding)
             self.view_params = flat.reshape(view_records.shape[0], view_records.shape[1], 3).to(device)
 
     def __len__(self) -> int:
@@ -75,6 +93,10 @@ class DeviceBatches:
 
     def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch]:
         """One pass: sampler order (instance / class / sqrt / progressive at `progress`), augmented if configured."""
+        return map(self.realize, self.draws(progress, generator))
+
+    def draws(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Draw]:
+        """`epoch`'s batches before augmentation (engine.fit realizes each inside its training step)."""
         if self.augment_cfg is None and self.sampler == "instance" and generator is None:
             order = torch.arange(len(self.labels))
         else:
@@ -86,22 +108,30 @@ class DeviceBatches:
             idx = order[start : start + self.batch_size]
             if self.drop_last and len(idx) < self.batch_size:
                 break
-            yield self.make_batch(idx, generator)
+            yield self.draw(idx, generator)
 
-    def make_batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> Batch:
-        raw = self.images[idx]
-        view, views = raw, None
+    def draw(self, idx: torch.Tensor, generator: torch.Generator | None) -> Draw:
+        """The random parameters of one batch, drawn on the host in a fixed order (so a seed replays the run)."""
+        n, device, aug = len(idx), self.images.device, self.augment_cfg
+        crop = views = key = None
         if self.view_params is not None:
-            views = augment.to_device(torch.randint(0, self.view_params.shape[1], (len(idx),), generator=generator),
-                                      idx.device)
-            view = augment.apply_crop_flip(raw, self.view_params[idx, views], self.augment_cfg.crop_padding)
-        elif self.augment_cfg is not None:
-            view = augment.random_crop_flip(raw, self.augment_cfg.crop_padding, self.augment_cfg.flip, generator)
+            views = augment.to_device(torch.randint(0, self.view_params.shape[1], (n,), generator=generator), device)
+            crop = self.view_params[idx, views]
+        elif aug is not None and (self.padding or aug.flip):
+            crop = augment.to_device(augment.sample_crop_flip(n, self.padding, aug.flip, generator), device)
+        if self.key_view:
+            key = augment.to_device(augment.sample_moco_view((n, *self.images.shape[1:]), generator), device)
+        return Draw(ids=idx, labels=self.labels[idx], crop=crop, key=key, views=views)
+
+    def realize(self, draw: Draw) -> Batch:
+        """Gather and augment a drawn batch: device ops only, no host sync, so it runs inside a captured step."""
+        raw = self.images[draw.ids]
+        view = raw if draw.crop is None else augment.apply_crop_flip(raw, draw.crop, self.padding)
         images = augment.normalize(augment.to_float(view), self.mean, self.std)
         key = None
-        if self.key_view:
-            key = augment.normalize(augment.moco_view(raw, raw.shape[-1], generator), self.mean, self.std)
-        return Batch(ids=idx, labels=self.labels[idx], images=images, key_images=key, views=views)
+        if draw.key is not None:
+            key = augment.normalize(augment.apply_moco_view(raw, draw.key, raw.shape[-1]), self.mean, self.std)
+        return Batch(ids=draw.ids, labels=draw.labels, images=images, key_images=key, views=draw.views)
 
 
 class ListFileImages(Dataset):

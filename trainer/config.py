@@ -239,6 +239,10 @@ class RunConfig(Frozen):
         "faster SSD runs on an H200, same results (bench/README.md). 'auto': on for one CUDA device with compile=none, "
         "a joint, decoupled or SSD method and an in-memory dataset (what was checked on a GPU); true: ask for it (a "
         "CPU warns and trains eagerly), also with compile=default, whose Inductor kernels then replay inside the graph")
+    cudnn_benchmark: bool = Field(
+        True, description="cuDNN autotuning while training: each convolution shape times cuDNN's algorithms once and "
+        "keeps the fastest, which pays off for the fixed batch shapes of a training run (PyTorch's performance tuning "
+        "guide). Ignored on a CPU")
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end)")
     out_dir: Path = Field(Path("runs/default"), description="Run folder: config, checkpoints, metrics, plots")
 

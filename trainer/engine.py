@@ -7,13 +7,14 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainer.batches import Batch
+from trainer.batches import Batch, Draw
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig
 from trainer.distributed import (all_reduce_sums, broadcast_module_state, broadcast_object, data_parallel_loss,
@@ -69,6 +70,18 @@ def begin_compiled_step(mode: str) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+@contextmanager
+def cudnn_autotuning(enabled: bool):
+    """cuDNN's benchmark mode inside the block, the caller's setting restored after it. (torch.backends.cudnn.flags
+    would also reset the other cuDNN flags to its own defaults.)"""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def fit(
     *,
     stage: str,
@@ -84,6 +97,7 @@ def fit(
     precision: str = "fp32",
     channels_last: bool = False,
     cuda_graph: bool = False,
+    cudnn_benchmark: bool = False,
 ) -> list[dict]:
     """Train `model`'s trainable parameters for `optim.epochs`, checkpointing every epoch and resuming from it.
 
@@ -97,6 +111,8 @@ def fit(
     and compiled wrappers made beforehand stay valid); convolutions then produce NHWC activations from NCHW inputs.
     `cuda_graph` replays each full batch's whole step (forward, backward, SGD update) from one CUDA graph, captured
     anew every epoch (trainer/graphs.py); on a CPU it is ignored with a warning.
+    `cudnn_benchmark` lets cuDNN time its convolution algorithms for each new shape (the first steps, and an epoch's
+    short last batch once) and keep the fastest.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -121,8 +137,13 @@ def fit(
         if start < optim.epochs:
             log.info("%s: resuming at epoch %d/%d from %s", stage, start + 1, optim.epochs, checkpoint)
     objective = data_parallel_loss(model, loss_fn, hooks.sync_batchnorm) if is_distributed() else loss_fn
+    # A source that draws before it augments (DeviceBatches) hands each step its draw, and the step realizes it: the
+    # augmentation then runs inside the step, and inside its CUDA graph. Other sources hand over finished batches.
+    drawn = hasattr(batches, "draws")
 
-    def train_step(batch: Batch, progress: float) -> tuple[torch.Tensor, dict]:
+    def train_step(batch: Batch | Draw, progress: float) -> tuple[torch.Tensor, dict]:
+        if drawn:
+            batch = batches.realize(batch)
         with mixed:
             loss, parts = objective(batch, progress)
         optimizer.zero_grad(set_to_none=True)
@@ -132,45 +153,47 @@ def fit(
 
     step = GraphedStep(train_step) if cuda_graph else train_step
     bar = progress_bar(f"stage {stage}", optim.epochs, start, "ep")
-    for epoch in range(start, optim.epochs):
-        lr = learning_rate(optim, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        (set_mode or model.train)()
-        progress = epoch / optim.epochs
-        totals: dict = {}  # sums stay on the device until the epoch ends: no host sync per step
-        seen, tic = 0, time.perf_counter()
-        if cuda_graph:
-            step.reset()  # the learning rate and `progress` are frozen into a capture
-            replays_before = step.replays
-        for batch in batches.epoch(progress, generator):
-            loss, parts = step(batch, progress)
-            n = len(batch.labels)
-            seen += n
-            for key, value in {"loss": loss.detach(), **parts}.items():
-                totals[key] = totals.get(key, 0.0) + (value.double() if torch.is_tensor(value) else float(value)) * n
-        totals = {key: float(value) for key, value in totals.items()}
-        elapsed = time.perf_counter() - tic
-        if is_distributed():
-            totals, seen = all_reduce_sums(totals, seen)
-            broadcast_module_state(model)  # rank 0's BatchNorm statistics everywhere: eval and save see one model
-        record = {"epoch": epoch + 1, "lr": lr, "img_s": seen / max(elapsed, 1e-9)}
-        if cuda_graph:
-            record["graph_replays"] = step.replays - replays_before  # the epoch's steps run from the CUDA graph
-        record.update({k: v / max(seen, 1) for k, v in totals.items()})
-        if on_epoch_end is not None:
-            record.update(on_epoch_end(epoch))
-        history.append(record)
-        bar.set_description(f"stage {stage} loss {record['loss']:.3f} {record['img_s']:.0f} img/s")
-        bar.update(1)
-        log.debug("stage %s %s", stage, record)
-        if is_primary():
-            save_checkpoint(checkpoint, {
-                **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "epoch": epoch, "history": history,
-            })
-        if hooks.after_epoch is not None:
-            hooks.after_epoch(stage, checkpoint, record)  # Ray Train: report the epoch and its checkpoint
+    with cudnn_autotuning(cudnn_benchmark):
+        for epoch in range(start, optim.epochs):
+            lr = learning_rate(optim, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            (set_mode or model.train)()
+            progress = epoch / optim.epochs
+            totals: dict = {}  # sums stay on the device until the epoch ends: no host sync per step
+            seen, tic = 0, time.perf_counter()
+            if cuda_graph:
+                step.reset()  # the learning rate and `progress` are frozen into a capture
+                replays_before = step.replays
+            for batch in (batches.draws if drawn else batches.epoch)(progress, generator):
+                loss, parts = step(batch, progress)
+                n = len(batch.labels)
+                seen += n
+                for key, value in {"loss": loss.detach(), **parts}.items():
+                    value = value.double() if torch.is_tensor(value) else float(value)
+                    totals[key] = totals.get(key, 0.0) + value * n
+            totals = {key: float(value) for key, value in totals.items()}
+            elapsed = time.perf_counter() - tic
+            if is_distributed():
+                totals, seen = all_reduce_sums(totals, seen)
+                broadcast_module_state(model)  # rank 0's BatchNorm statistics everywhere: eval and save see one model
+            record = {"epoch": epoch + 1, "lr": lr, "img_s": seen / max(elapsed, 1e-9)}
+            if cuda_graph:
+                record["graph_replays"] = step.replays - replays_before  # the epoch's steps run from the CUDA graph
+            record.update({k: v / max(seen, 1) for k, v in totals.items()})
+            if on_epoch_end is not None:
+                record.update(on_epoch_end(epoch))
+            history.append(record)
+            bar.set_description(f"stage {stage} loss {record['loss']:.3f} {record['img_s']:.0f} img/s")
+            bar.update(1)
+            log.debug("stage %s %s", stage, record)
+            if is_primary():
+                save_checkpoint(checkpoint, {
+                    **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(), "epoch": epoch, "history": history,
+                })
+            if hooks.after_epoch is not None:
+                hooks.after_epoch(stage, checkpoint, record)  # Ray Train: report the epoch and its checkpoint
     bar.close()
     return history
 

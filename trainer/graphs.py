@@ -7,16 +7,16 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.batches import Batch
+from trainer.batches import Batch, Draw
 
-Step = Callable[[Batch, float], tuple[torch.Tensor, dict]]
+Step = Callable[[Batch | Draw, float], tuple[torch.Tensor, dict]]
 
 
-def _tensor_fields(batch: Batch) -> dict[str, torch.Tensor]:
+def _tensor_fields(batch: Batch | Draw) -> dict[str, torch.Tensor]:
     return {f.name: v for f in dataclasses.fields(batch) if isinstance(v := getattr(batch, f.name), torch.Tensor)}
 
 
-def _same_layout(a: Batch, b: Batch) -> bool:
+def _same_layout(a: Batch | Draw, b: Batch | Draw) -> bool:
     """Whether `b` can be copied into `a`'s tensors: the same fields, shapes and dtypes."""
     fa, fb = _tensor_fields(a), _tensor_fields(b)
     return fa.keys() == fb.keys() and all(fa[k].shape == fb[k].shape and fa[k].dtype == fb[k].dtype for k in fa)
@@ -33,7 +33,7 @@ class GraphedStep:
     - fixed shapes and addresses: each batch is copied into the static batch the graph reads, and a batch of another
       shape (an epoch's short last batch) runs eagerly;
     - no host syncs and no data-dependent shapes inside the step: the stage steps have none, and DeviceBatches draws
-      its random parameters before the step;
+      its random parameters on the host before the step (a Draw), so the step only gathers and augments on the device;
     - Python values are frozen at capture (the learning rate, `progress`): `reset()` at each epoch start makes the
       epoch's first batch capture the step anew;
     - lazy CUDA set-up (library handles, workspaces) must not happen while capturing: the first `warmup` steps run
@@ -67,15 +67,15 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         return out
 
-    def __call__(self, batch: Batch, progress: float) -> tuple[torch.Tensor, dict]:
+    def __call__(self, batch: Batch | Draw, progress: float) -> tuple[torch.Tensor, dict]:
         if self.warmup > 0:
             self.warmup -= 1
             return self._warm(batch, progress)
         if self.graph is not None and not _same_layout(self.static, batch):
             return self.step(batch, progress)
         if self.graph is None:
-            if not isinstance(batch, Batch):  # e.g. BBN's PairedBatch: nested batches would be frozen into the graph
-                raise TypeError(f"cuda_graph replays flat Batch objects, not {type(batch).__name__}; set "
+            if not isinstance(batch, (Batch, Draw)):  # e.g. BBN's PairedBatch: nested batches would be frozen in
+                raise TypeError(f"cuda_graph replays flat Batch or Draw objects, not {type(batch).__name__}; set "
                                 "cuda_graph=false")
             self.static = dataclasses.replace(batch, **{k: v.clone() for k, v in _tensor_fields(batch).items()})
             graph = torch.cuda.CUDAGraph()

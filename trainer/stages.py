@@ -60,9 +60,10 @@ class RunContext:
                 and self.cfg.pipeline != "experts" and self.data.in_memory)
 
     def fit(self, **kwargs) -> list[dict]:
-        """engine.fit at this run's precision, memory layout and graph mode: every stage trains through here."""
+        """engine.fit at this run's precision, memory layout, graph mode and cuDNN autotuning: every stage trains
+        through here."""
         return fit(precision=self.cfg.precision, channels_last=self.cfg.channels_last, cuda_graph=self.cuda_graph,
-                   **kwargs)
+                   cudnn_benchmark=self.cfg.cudnn_benchmark, **kwargs)
 
     def generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 1000 + salt)

@@ -30,6 +30,8 @@ def test_to_float_and_normalize():
     assert torch.allclose(y.flatten(), torch.tensor([-1.0, 0.0, 0.5]), atol=1e-6)
     gray = augment.normalize(torch.full((2, 1, 3, 3), 0.75), (0.25,), (0.5,))
     assert torch.allclose(gray, torch.ones_like(gray))
+    # Constants already on the images' device (how DeviceBatches passes them) give the same numbers as lists.
+    assert torch.equal(augment.normalize(x, torch.tensor([0.5, 0.2, 0.0]), torch.tensor([0.5, 0.1, 2.0])), y)
     with pytest.raises(ValueError, match="channels"):
         augment.normalize(x, (0.5,), (0.5,))
 
@@ -246,3 +248,32 @@ def test_crop_flip_params_replay_exactly_and_round_trip_through_view_records():
     records = crop_flip_to_boxes(params, 4, 32, 32)
     assert torch.all(records[:, 2] - records[:, 0] == 32) and torch.all(records[:, :2] >= -4)
     assert torch.equal(boxes_to_crop_flip(records, 4), params)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_draw_holds_every_random_choice_so_realizing_it_draws_nothing(channels):
+    """DeviceBatches' step inputs: `draws` takes every random number on the host, and `realize` replays them with
+    device ops only (what lets a CUDA graph of the step hold the augmentation). Realizing twice gives the same batch,
+    moves no generator, and equals the batch `epoch` gives for the same seed."""
+    from trainer.batches import DeviceBatches
+    from trainer.config import AugmentConfig
+    from trainer.datasets import ImageSet
+
+    images = uint8_images(n=48, c=channels, h=32, w=32, seed=2)
+    split = ImageSet(images=images, labels=torch.arange(48) % 4)
+    batches = DeviceBatches(split, (0.5,) * channels, (0.25,) * channels, torch.device("cpu"), 16, AugmentConfig(),
+                            sampler="class", key_view=True)
+    g = gen(6)
+    draw = next(batches.draws(0.0, g))
+    assert draw.crop.shape == (16, 3) and draw.key.shape == (16, 10) and draw.ids.shape == (16,)
+    host, default = g.get_state(), torch.random.get_rng_state()
+    first, second = batches.realize(draw), batches.realize(draw)
+    assert torch.equal(g.get_state(), host) and torch.equal(torch.random.get_rng_state(), default)
+    assert torch.equal(first.images, second.images) and torch.equal(first.key_images, second.key_images)
+    assert first.images.shape == first.key_images.shape == (16, channels, 32, 32)
+    assert not torch.equal(first.images, first.key_images)  # two different views of each image
+    same_seed = next(batches.epoch(0.0, gen(6)))
+    assert torch.equal(same_seed.ids, first.ids) and torch.equal(same_seed.images, first.images)
+    assert torch.equal(same_seed.key_images, first.key_images)
+    assert torch.equal(first.key_images, augment.normalize(augment.apply_moco_view(images[draw.ids], draw.key, 32),
+                                                          (0.5,) * channels, (0.25,) * channels))

@@ -1,5 +1,6 @@
 """The one training loop: LR schedule values, and an interrupted run resumes to the same weights as an unbroken one."""
 
+import itertools
 import shutil
 
 import pytest
@@ -89,11 +90,11 @@ def test_compiled_stage_objectives_train_like_eager(tiny_lt, tmp_path):
 
 
 def _train_ssd_stage(tiny_lt, tmp_path, checkpoint, stage="I", device="cpu", epochs=1, warmup_epochs=0, steps=None,
-                     conv_hook=None, **cfg):
+                     conv_hook=None, wrap=None, **cfg):
     """SSD stage I (MoCo with its key view) or III (two heads on fixed random soft labels) of a ResNet-8 on tiny_lt at
     batch 32, through ctx.fit (the stages' path, so RunConfig's precision / layout / graph settings apply): `steps`
-    batches per epoch, or whole epochs with their short last batch. `conv_hook(out)` sees every convolution's output.
-    Returns the epoch records and the model."""
+    batches per epoch, or whole epochs with their short last batch. `conv_hook(out)` sees every convolution's output;
+    `wrap(batches)` replaces the batch source. Returns the epoch records and the model."""
     from trainer.config import RunConfig
     from trainer.soft_targets import InMemorySoftLabels, TableTargets
     from trainer.stages import RunContext, distill_objective, stage1_objective
@@ -113,7 +114,8 @@ def _train_ssd_stage(tiny_lt, tmp_path, checkpoint, stage="I", device="cpu", epo
                 module.register_forward_hook(lambda m, args, out: conv_hook(out))
     batches = DeviceBatches(tiny_lt.train, tiny_lt.mean, tiny_lt.std, device, 32, AugmentConfig(),
                             key_view=stage == "I")
-    history = ctx.fit(stage=stage, model=model, loss_fn=loss_fn, batches=Window(batches, steps) if steps else batches,
+    batches = Window(batches, steps) if steps else batches
+    history = ctx.fit(stage=stage, model=model, loss_fn=loss_fn, batches=wrap(batches) if wrap else batches,
                       optim=OptimConfig(epochs=epochs, warmup_epochs=warmup_epochs),
                       generator=torch.Generator().manual_seed(0), checkpoint=checkpoint, meta={})
     return history, model
@@ -164,6 +166,27 @@ def test_channels_last_trains_like_nchw_and_resumes_across_layouts(tiny_lt, tmp_
         torch.testing.assert_close(resumed_state[key], value, rtol=1e-2, atol=1e-3)
 
 
+def test_cudnn_autotuning_is_on_while_a_run_trains_and_restored_after(tiny_lt, tmp_path):
+    """RunConfig.cudnn_benchmark (on by default) reaches every training step through ctx.fit, and fit puts the
+    caller's setting back afterwards, also when a step fails; off, the steps train with it off."""
+    seen = []
+    torch.backends.cudnn.benchmark = False
+    _train_ssd_stage(tiny_lt, tmp_path, tmp_path / "on.pt", "III", steps=2,
+                     conv_hook=lambda out: seen.append(torch.backends.cudnn.benchmark))
+    assert seen and all(seen) and torch.backends.cudnn.benchmark is False
+    seen.clear()
+    _train_ssd_stage(tiny_lt, tmp_path, tmp_path / "off.pt", "III", steps=2, cudnn_benchmark=False,
+                     conv_hook=lambda out: seen.append(torch.backends.cudnn.benchmark))
+    assert seen and not any(seen)
+
+    def fail(out):
+        raise Crash("step failed")
+
+    with pytest.raises(Crash):
+        _train_ssd_stage(tiny_lt, tmp_path, tmp_path / "crash.pt", "III", steps=2, conv_hook=fail)
+    assert torch.backends.cudnn.benchmark is False
+
+
 def _graph_run(tiny_lt, tmp_path, device, stage, cuda_graph, compile="none"):
     """2 whole epochs (a short last batch each), the learning rate rising over the first, with or without graphs."""
     history, model = _train_ssd_stage(tiny_lt, tmp_path, tmp_path / f"{stage}{cuda_graph}{compile}.pt", stage, device,
@@ -210,14 +233,47 @@ def test_compiled_kernels_replay_inside_the_whole_step_graph(tiny_lt, tmp_path):
     _assert_graphed_like_eager(tiny_lt, eager, eager_state, graphed, graphed_state)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("stage", ["I", "III"])
+def test_training_steps_never_wait_for_the_gpu(tiny_lt, tmp_path, stage, cuda_graph):
+    """Once warm, drawing, realizing and training a full batch never syncs the host with the GPU, eager or graphed,
+    so the host queues the next step while the GPU runs this one. (A per-batch list -> CUDA tensor did: a pageable
+    copy waits for the GPU to drain.) torch's CUDA sync debug mode turns any sync there into an error."""
+    history, _ = _train_ssd_stage(tiny_lt, tmp_path, tmp_path / f"{stage}{cuda_graph}.pt", stage, "cuda",
+                                  cuda_graph=cuda_graph, wrap=lambda batches: SyncChecked(batches, after=5))
+    assert history[0]["loss"] > 0 and ("graph_replays" in history[0]) == cuda_graph
+
+
+class SyncChecked:
+    """`batches`' draws with CUDA's sync debug mode raising from full batch `after` on (past cuDNN's autotuning and
+    the graph's warm-up and capture) until the epoch's short last batch (a new shape, autotuned once) and its record."""
+
+    def __init__(self, batches, after):
+        self.batches, self.after = batches, after
+
+    def draws(self, progress=0.0, generator=None):
+        full = None
+        try:
+            for i, draw in enumerate(self.batches.draws(progress, generator)):
+                full = full or len(draw.ids)
+                torch.cuda.set_sync_debug_mode("error" if i >= self.after and len(draw.ids) == full else 0)
+                yield draw
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    def realize(self, draw):
+        return self.batches.realize(draw)
+
+
 class Window:
-    """The first `steps` batches of one epoch of `batches`."""
+    """The first `steps` batches of one epoch of `batches`, drawn and realized as DeviceBatches does for fit."""
 
     def __init__(self, batches, steps):
         self.batches, self.steps = batches, steps
 
-    def epoch(self, progress=0.0, generator=None):
-        for i, batch in enumerate(self.batches.epoch(progress, generator)):
-            if i == self.steps:
-                return
-            yield batch
+    def draws(self, progress=0.0, generator=None):
+        return itertools.islice(self.batches.draws(progress, generator), self.steps)
+
+    def realize(self, draw):
+        return self.batches.realize(draw)
