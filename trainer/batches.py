@@ -196,11 +196,9 @@ class LoaderBatches:
             order, _ = shard_epoch(whole, generator if self.train else None, *self.shard)
         loader = DataLoader(self.dataset, self.batch_size, sampler=order.tolist() if order is not None else None,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        for ids, labels, images, key in loader:
-            yield Batch(
-                ids=ids.to(self.device), labels=labels.to(self.device), images=images.to(self.device, non_blocking=True),
-                key_images=key.to(self.device, non_blocking=True) if key.numel() else None,
-            )
+        for ids, labels, images, key in loader:  # pinned on CUDA: non-blocking copies keep the host ahead of the GPU
+            ids, labels, images, key = (t.to(self.device, non_blocking=True) for t in (ids, labels, images, key))
+            yield Batch(ids=ids, labels=labels, images=images, key_images=key if key.numel() else None)
 
 
 def make_batches(data, split: ImageSet, device, batch_size, *, train: bool, augment_cfg=None, sampler="instance",
