@@ -145,7 +145,7 @@ def loader_stream(data: LongTailData, device: torch.device, batch_size: int, wor
         while True:  # one pass per epoch, workers restarting each time, as `for epoch ...: for batch in loader` does
             for ids, labels, images, keys in loader:
                 yield LoaderBatch(
-                    ids=ids.to(device), labels=labels.to(device, non_blocking=cuda),
+                    ids=ids.to(device, non_blocking=cuda), labels=labels.to(device, non_blocking=cuda),
                     images=images.to(device, non_blocking=cuda),
                     key_images=keys.to(device, non_blocking=cuda) if keys.numel() else None,
                     soft=soft_table[ids].to(device, non_blocking=cuda) if soft_table is not None else None,
