@@ -50,11 +50,11 @@ stamp "compiled-kernels-in-the-graph test rc=$?: $(tail -1 "$WORK/logs/gpu_tests
 wait $decode
 
 # Nothing else may use the GPU while the throughput is timed. BENCHES: ';'-separated argument sets, one run each.
-# First the default step (augmentation inside the graph, cuDNN autotuning), then the same without autotuning (which
-# of the two moved it), then Inductor's kernels inside the graph, then NCHW.
+# First the default step (augmentation inside the graph, cuDNN autotuning), then Inductor's kernels inside the graph,
+# then the default without autotuning (which of the changes moved it), then NCHW.
 default_benches="--cuda-graph --precision bf16 --rounds 1 --profile 20"
-default_benches+=";--cuda-graph --precision bf16 --no-cudnn-benchmark --rounds 1"
 default_benches+=";--cuda-graph --compile default --precision bf16 --rounds 1 --profile 20"
+default_benches+=";--cuda-graph --precision bf16 --no-cudnn-benchmark --rounds 1"
 default_benches+=";--cuda-graph --precision bf16 --no-channels-last --rounds 1"
 IFS=';' read -ra benches <<< "${BENCHES-$default_benches}"
 for i in "${!benches[@]}"; do
