@@ -107,7 +107,9 @@ def table_configs(table: str, seeds: list[int], factors: list[int], methods: lis
         for factor in factors:
             for seed in seeds:
                 run_dir = out_root / table / f"{method}_if{factor}_s{seed}"
-                overrides = [f"data.imbalance_factor={factor}", f"seed={seed}", f"out_dir={run_dir}", *extra]
+                # Methods with the same stage I (CE and the decoupled ones; SSD's soft-label modes) train it once.
+                overrides = [f"data.imbalance_factor={factor}", f"seed={seed}", f"out_dir={run_dir}",
+                             f"stage1_cache={out_root / table / 'stage1_cache'}", *extra]
                 out.append((method, factor, load_config(folder / f"{method}.yaml", overrides)))
     return out
 
@@ -332,7 +334,10 @@ def demo(
     from trainer.workers import generate_labelset, init_ray
 
     _setup_logging()
-    cfgs = [load_config(CONFIGS / "embedded" / f"{m}.yaml", [f"out_dir={out_root / m}"]) for m in ("ce", "lws", "ssd")]
+    # LWS starts from CE's stage I (same recipe), so it waits for CE and then trains only its classifier.
+    shared = f"stage1_cache={out_root / 'stage1_cache'}"
+    cfgs = [load_config(CONFIGS / "embedded" / f"{m}.yaml", [f"out_dir={out_root / m}", shared])
+            for m in ("ce", "lws", "ssd")]
     reports = _run(cfgs, ray, address)
     typer.echo("\n" + format_table([_row(r) for r in reports]))
     typer.echo(f"\ndataset: {reports[0]['dataset']}-LT, class sizes {reports[0]['class_counts']}")

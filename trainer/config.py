@@ -243,6 +243,11 @@ class RunConfig(Frozen):
         True, description="cuDNN autotuning while training: each convolution shape times cuDNN's algorithms once and "
         "keeps the fastest, which pays off for the fixed batch shapes of a training run (PyTorch's performance tuning "
         "guide). Ignored on a CPU")
+    stage1_cache: Path | None = Field(
+        None, description="Folder of finished stage-I checkpoints, each named by what stage I depends on (data, "
+        "model, augmentation, seed, stage1 settings, MoCo on or off): a run whose stage I is already there starts from "
+        "it instead of training it again. CE, cRT, LWS, tau-norm and NCM then share one stage I, and so do SSD's "
+        "soft-label modes. `ltd reproduce` keeps one beside its runs; None: every run trains its own")
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end)")
     out_dir: Path = Field(Path("runs/default"), description="Run folder: config, checkpoints, metrics, plots")
 
@@ -288,6 +293,14 @@ class RunConfig(Frozen):
             raise ValueError(f"experts_ta trains its experts one after another, so they cannot share layers "
                              f"(experts.share={self.experts.share}): drop experts.share or set it to none")
         return self
+
+    def stage1_recipe(self) -> dict:
+        """Everything stage I's training depends on, and nothing else: runs with equal recipes on the same data train
+        the same stage I. The method counts only through the stage-I loss and whether SSD's MoCo branch is on."""
+        moco = self.pipeline == "ssd" and self.stage1.moco.weight > 0
+        return {"data": self.data.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
+                "augment": self.augment.model_dump(mode="json"), "seed": self.seed, "moco": moco,
+                "stage1": self.stage1.model_dump(mode="json", exclude=None if moco else {"moco"})}
 
     @property
     def pipeline(self) -> Literal["joint", "decoupled", "ssd", "experts"]:

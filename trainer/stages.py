@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from trainer.batches import eval_resize, make_batches
 from trainer.classifiers import LWSClassifier, NCMClassifier, TauNormClassifier, ncm_centroids, search_tau
 from trainer.config import RunConfig, dump_config
 from trainer.datasets import LongTailData, load_dataset
-from trainer.distributed import current_shard
+from trainer.distributed import current_shard, is_primary
 from trainer.engine import LossFn, begin_compiled_step, compiled, fit, predict
 from trainer.losses import build_loss, kd_loss
 from trainer.metrics import summarize
@@ -40,11 +43,14 @@ class RunContext:
     device: torch.device
     out_dir: Path
     shard: tuple[int, int] | None = None  # (rank, world) when training data-parallel under Ray Train
+    stage1_reused: Path | None = None  # the stage1_cache entry this run's stage I came from, if any
 
     def meta(self, stage: str) -> dict:
         """What a stage's checkpoint must match to be resumed: dataset fingerprint and the config it depends on."""
-        keep = {"data", "model", "augment", "seed", "method", "stage1"}
-        keep |= {"stage2"} if stage != "I" else set()
+        if stage == "I":  # the recipe, not the method: an LWS run may start from a CE run's stage I
+            recipe = json.dumps(self.cfg.stage1_recipe(), sort_keys=True)
+            return {"fingerprint": self.data.fingerprint, "config": recipe}
+        keep = {"data", "model", "augment", "seed", "method", "stage1", "stage2"}
         keep |= {"stage3"} if stage in ("III", "IV") else set()
         keep |= {"stage4"} if stage == "IV" else set()
         return {"fingerprint": self.data.fingerprint, "config": self.cfg.model_dump_json(include=keep)}
@@ -141,13 +147,32 @@ def train_stage1(ctx: RunContext, batches=None) -> Classifier:
     cfg, data = ctx.cfg.stage1, ctx.data
     parts, loss_fn = stage1_objective(ctx)
     model = parts["model"]
+    checkpoint, meta = ctx.out_dir / "stage1" / "checkpoint.pt", ctx.meta("I")
+    # Only a run that draws its own batches shares: other batches train another stage I.
+    shared = stage1_cache_entry(ctx.cfg.stage1_cache, meta) if batches is None else None
+    if shared is not None and shared.exists() and not checkpoint.exists() and is_primary():
+        log.info("stage I: starting from %s, a finished stage I of the same recipe", shared)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared, checkpoint)  # fit finds every epoch done and trains none
+        ctx.stage1_reused = shared
     if batches is None:
         batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
                               key_view="moco" in parts)
     ctx.fit(stage="I", model=parts, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(1),
-        checkpoint=ctx.out_dir / "stage1" / "checkpoint.pt", meta=ctx.meta("I"),
-        on_epoch_end=_periodic_eval(ctx, model))
+        checkpoint=checkpoint, meta=meta, on_epoch_end=_periodic_eval(ctx, model))
+    if shared is not None and not shared.exists() and is_primary():
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        partial = shared.with_name(f"{shared.name}.{os.getpid()}.part")
+        shutil.copyfile(checkpoint, partial)
+        os.replace(partial, shared)  # whole or absent, even with several runs publishing at once
     return model
+
+
+def stage1_cache_entry(cache: Path | None, meta: dict) -> Path | None:
+    """Where a finished stage I of this recipe and dataset lives in `cache` (RunConfig.stage1_cache)."""
+    if cache is None:
+        return None
+    return Path(cache) / f"stage1-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]}.pt"
 
 
 def features_of(ctx: RunContext, backbone: nn.Module, split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,6 +366,8 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
         final = train_multi_expert(ctx, report)  # BBN, RIDE, LFME, independent experts; fills report["stages"]
     elif source is None or cfg.pipeline != "ssd":
         model = train_stage1(ctx)
+        if ctx.stage1_reused is not None:
+            report["stage1_reused"] = str(ctx.stage1_reused)
         score("I", model)
         final = model
         if cfg.pipeline in ("decoupled", "ssd"):

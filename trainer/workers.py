@@ -48,8 +48,9 @@ def task_resources(parallel: int = 1, runs_per_gpu: int = 1) -> dict:
     return share_resources(ray.cluster_resources(), largest_node, parallel, runs_per_gpu)
 
 
-def _run_pipeline_task(cfg_dict: dict) -> dict:
-    """Validate the config again on arrival (it crossed a process boundary), then run in this worker."""
+def _run_pipeline_task(cfg_dict: dict, *after: dict) -> dict:
+    """Validate the config again on arrival (it crossed a process boundary), then run in this worker. `after`: the
+    reports of runs this one waits for (Ray starts the task once they exist); unused."""
     import torch
 
     from trainer.stages import run_pipeline
@@ -75,9 +76,27 @@ def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1, runs_per_gpu: int
     single = [cfg for cfg in cfgs if cfg.distributed.num_workers == 1]
     resources = task_resources(parallel=max(len(single), 1), runs_per_gpu=runs_per_gpu)
     task = ray.remote(max_retries=max_retries, **resources)(_run_pipeline_task)
-    refs = {id(cfg): task.remote(_absolute_paths(cfg).model_dump(mode="json")) for cfg in single}
+    refs: dict[int, ray.ObjectRef] = {}
+    for cfg, first in zip(single, first_with_same_stage1(single)):  # a run sharing a stage I waits for its trainer
+        after = [refs[id(single[first])]] if first is not None else []
+        refs[id(cfg)] = task.remote(_absolute_paths(cfg).model_dump(mode="json"), *after)
     reports = {id(cfg): train_distributed(cfg) for cfg in cfgs if cfg.distributed.num_workers > 1}
     return [reports[id(cfg)] if id(cfg) in reports else ray.get(refs[id(cfg)]) for cfg in cfgs]
+
+
+def first_with_same_stage1(cfgs: list[RunConfig]) -> list[int | None]:
+    """For each config, the first earlier one with the same stage1_cache and stage-I recipe (whose finished stage I
+    it will start from), or None. Run in list order, every run then finds its stage I finished."""
+    first: dict[str, int] = {}
+    out: list[int | None] = []
+    for i, cfg in enumerate(cfgs):
+        if cfg.stage1_cache is None or cfg.pipeline == "experts":
+            out.append(None)
+            continue
+        key = json.dumps([str(cfg.stage1_cache), cfg.stage1_recipe()], sort_keys=True)
+        out.append(first.get(key))
+        first.setdefault(key, i)
+    return out
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -85,7 +104,8 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
     data = cfg.data.model_copy(update={
         k: getattr(cfg.data, k).resolve() for k in ("root", "train_list", "test_list") if getattr(cfg.data, k)
     })
-    return cfg.model_copy(update={"out_dir": cfg.out_dir.resolve(), "data": data})
+    cache = cfg.stage1_cache.resolve() if cfg.stage1_cache else None
+    return cfg.model_copy(update={"out_dir": cfg.out_dir.resolve(), "data": data, "stage1_cache": cache})
 
 
 class WorkerDiedError(RuntimeError):

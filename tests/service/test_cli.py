@@ -45,3 +45,17 @@ def test_multiseed_reports_mean_and_std(ray_local, tmp_path):
     seeds = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["final"]["overall"] for s in (0, 1)]
     assert summary["seeds"] == [0, 1]
     assert abs(summary["overall"] - sum(seeds) / 2) < 0.01
+
+
+def test_reproduce_trains_a_shared_stage1_once_on_ray(ray_local, tmp_path):
+    """`ltd reproduce` keeps a stage1_cache beside its runs: on Ray the LWS task waits for the CE task and starts
+    from its stage I, so the table's CE row is LWS's stage I."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    result = runner.invoke(app, ["reproduce", "embedded", *TINY, "--methods", "ce,lws", "--out-root", str(runs),
+                                 "--results-dir", str(results)])
+    assert result.exit_code == 0, result.output
+    ce, lws = (json.loads((runs / "embedded" / f"{m}_if100_s0" / "metrics.json").read_text()) for m in ("ce", "lws"))
+    assert "stage1_reused" not in ce and lws["stage1_reused"].startswith(str(runs / "embedded" / "stage1_cache"))
+    assert lws["ray_task"]["started"] >= ce["ray_task"]["ended"] and lws["stages"]["I"] == ce["stages"]["I"]
+    rows = json.loads(next(results.glob("accuracy_embedded-*.json")).read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ce", "lws"]

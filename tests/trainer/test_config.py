@@ -97,3 +97,23 @@ def test_cuda_graph_auto_leaves_list_file_datasets_eager(tiny_lt, tmp_path):
     data = dataclasses.replace(tiny_lt, train=listed)
     assert not RunContext(load_config(None, []), data, torch.device("cuda"), tmp_path).cuda_graph
     assert RunContext(load_config(None, ["cuda_graph=true"]), data, torch.device("cuda"), tmp_path).cuda_graph
+
+
+def test_stage1_recipe_is_what_stage1_trains_on_and_nothing_else():
+    """CE, the decoupled methods and SSD without its MoCo branch train the same stage I; SSD with MoCo, another loss,
+    seed or schedule do not. MoCo settings only count while MoCo is on."""
+
+    def recipe(*overrides):
+        return load_config(None, list(overrides)).stage1_recipe()
+
+    ce = recipe("method=ce")
+    for same in (["method=lws"], ["method=crt"], ["method=ncm"], ["method=tau_norm", "stage2.tau=1"],
+                 ["method=lws", "stage2.optim.epochs=3"],
+                 ["method=ssd", "stage1.moco.weight=0", "stage1.moco.momentum=0.99"]):
+        assert recipe(*same) == ce, same
+    ssd = recipe("method=ssd")
+    for other in (["method=ssd"], ["method=focal"], ["method=ce", "seed=1"], ["method=ce", "stage1.optim.epochs=100"],
+                  ["method=ce", "data.imbalance_factor=50"], ["method=ce", "stage1.sampler=class"]):
+        assert recipe(*other) != ce, other
+    assert recipe("method=ssd", "stage1.moco.momentum=0.99") != ssd
+    assert recipe("method=ssd", "stage3.soft_labels=views", "stage4.enabled=false") == ssd

@@ -143,3 +143,28 @@ def test_list_file_dataset_trains_through_the_dataloader_path(tmp_path):
     report = run_pipeline(cfg)
     assert report["dataset"] == "list" and report["class_counts"] == [12, 6, 3]
     assert set(report["stages"]) == {"I", "II", "III", "III_hard_head", "IV"}
+
+
+def test_runs_with_the_same_stage1_recipe_train_it_once(tiny_lt, tmp_path):
+    """With one stage1_cache, CE trains stage I and publishes it; LWS and SSD without MoCo start from it and train
+    no stage-I epoch, and LWS ends exactly where an LWS run with its own stage I ends. SSD with MoCo and focal loss
+    train their own."""
+    cache = tmp_path / "cache"
+
+    def run(name, *overrides, shared=True):
+        extra = [f"stage1_cache={cache}"] if shared else []
+        cfg = load_config(None, [*TINY, *overrides, f"out_dir={tmp_path / name}", *extra])
+        return run_pipeline(cfg, data=tiny_lt)
+
+    ce = run("ce", "method=ce")
+    assert "stage1_reused" not in ce and len(list(cache.glob("stage1-*.pt"))) == 1
+    entry = next(cache.glob("stage1-*.pt"))
+    lws, no_ssl = run("lws", "method=lws"), run("no_ssl", "method=ssd", "stage1.moco.weight=0")
+    for report, name in ((lws, "lws"), (no_ssl, "no_ssl")):
+        assert report["stage1_reused"] == str(entry) and report["stages"]["I"] == ce["stages"]["I"]
+        assert (tmp_path / name / "stage1" / "checkpoint.pt").read_bytes() == entry.read_bytes()  # no epoch trained
+    alone = run("lws_alone", "method=lws", shared=False)
+    assert alone["final"] == lws["final"] and alone["stages"]["II"] == lws["stages"]["II"]
+    for other in (["method=ssd"], ["method=focal"]):
+        assert "stage1_reused" not in run("_".join(other), *other)
+    assert len(list(cache.glob("stage1-*.pt"))) == 3 and not list(cache.glob("*.part"))
