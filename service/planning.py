@@ -81,6 +81,8 @@ def plan_job(request, job_id: str, settings: Settings, models: ModelRegistry) ->
     if request.kind == "distill" and cfg.method != "ssd":
         raise JobConfigError(f"distill jobs run SSD stages III-IV: method must be 'ssd', got {cfg.method!r}")
     cfg = confine_data_paths(cfg, settings.data_root)
-    # outputs go to the job's own run folder, whatever out_dir the request carried
-    payload["config"] = cfg.model_copy(update={"out_dir": run_dir}).model_dump(mode="json")
+    # outputs go to the job's own run folder and shared stage Is to the service's folder, whatever paths the request
+    # carried
+    cache = (settings.runs_root / "stage1_cache").resolve() if settings.share_stage1 else None
+    payload["config"] = cfg.model_copy(update={"out_dir": run_dir, "stage1_cache": cache}).model_dump(mode="json")
     return payload

@@ -127,8 +127,9 @@ class BatchLabelsOut(BaseModel):
 
 
 class JobBase(Schema):
-    config: RunConfig | None = Field(None, description="Run config (as in configs/*.yaml); out_dir is ignored: "
-                                                       "outputs go to the job's own run folder")
+    config: RunConfig | None = Field(None, description="Run config (as in configs/*.yaml); out_dir and "
+                                                       "stage1_cache are ignored: outputs go to the job's own run "
+                                                       "folder, and the service keeps its own stage-I cache")
     overrides: list[str] = Field(default_factory=list, max_length=64,
                                  description="`a.b=value` overrides applied on top of the config, as `ltd train` takes")
 

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
         None, description="Only dataset paths under this folder may appear in job configs (None: no paths at all)"
     )
     db_path: Path | None = Field(None, description="SQLite file of job records (None: runs_root/jobs.sqlite3)")
+    share_stage1: bool = Field(
+        True, description="Jobs with the same stage-I recipe (data, model, augmentation, seed, stage-I settings) start "
+                          "from one finished stage I, kept in runs_root/stage1_cache, instead of each training it")
     api_key: SecretStr | None = Field(None, description="Key for mutating endpoints, sent as X-API-Key (None: open)")
     read_key_required: bool = Field(False, description="Also require the key on read endpoints")
     ray_address: str | None = Field(None, description="Ray cluster address (None: RAY_ADDRESS, else a local Ray)")

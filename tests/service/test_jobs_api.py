@@ -50,3 +50,18 @@ def test_unknown_jobs(api, api_key):
     assert api.post("/v1/jobs/feedbeef0000:retry", headers=keyed).status_code == 404
     assert api.post("/v1/jobs/feedbeef0000:cancel").status_code == 401
     assert api.get("/v1/jobs", params={"state": "exploded"}).status_code == 422
+
+
+def test_jobs_write_only_under_the_services_roots(tmp_path):
+    """A client's out_dir and stage1_cache never reach the worker: the job writes its run folder, and shares stage Is
+    in runs_root/stage1_cache (or not at all with share_stage1 off)."""
+    from service.planning import plan_job
+    from service.schemas import TrainJobIn
+    from service.settings import Settings
+
+    request = TrainJobIn(kind="train", config={"out_dir": "/etc/out", "stage1_cache": "/etc/cache"})
+    runs = tmp_path / "runs"
+    for share, cache in ((True, str((runs / "stage1_cache").resolve())), (False, None)):
+        settings = Settings(runs_root=runs, store_root=tmp_path / "store", share_stage1=share)
+        config = plan_job(request, "0123456789ab", settings, models=None)["config"]
+        assert config["out_dir"] == str((runs / "0123456789ab").resolve()) and config["stage1_cache"] == cache

@@ -68,6 +68,7 @@ def test_train_labels_distill_then_serve_labels_and_predictions(flow, poll_job):
     assert train["progress"]["stage"] == "IV" and train["progress"]["epoch"] == train["progress"]["epochs"] == 1
     log = client.get(f"/v1/jobs/{train_id}/logs").text
     assert "attempt 1 started" in log and "stage I " in log
+    assert len(list((runs_root / "stage1_cache").glob("stage1-*.pt"))) == 1  # for the next job of this recipe
 
     labels_id = submit(client, {"kind": "labels", "teacher": f"{train_id}/teacher", "labelset_id": "flow-t3",
                                 "temperature": 3.0})
