@@ -127,7 +127,10 @@ def reproduce(
     address: AddressOpt = None,
     runs_per_gpu: PackOpt = 1,
 ):
-    """Reproduce a results table (CE / LWS / SSD over imbalance factors) and write bench/results/accuracy_*.json."""
+    """Reproduce a results table (CE / LWS / SSD over imbalance factors) and write bench/results/accuracy_*.json.
+
+    Runs with the same stage I (CE and LWS; SSD's soft-label modes) train it once, in runs/<table>/stage1_cache
+    (stage1_cache=null: each run trains its own)."""
     from trainer.report import aggregate, format_table, write_results
 
     _setup_logging()
