@@ -46,8 +46,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: S
     tensors on the images' device: lists become a CUDA tensor per call, a copy that waits for the GPU to drain."""
     if len(mean) != images.shape[-3] or len(std) != images.shape[-3]:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries, the images {images.shape[-3]} channels")
-    mean, std = (torch.as_tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1) for v in (mean, std))
-    return (images - mean) / std  # torchvision's normalize, which wants lists
+    mean, std = (v if torch.is_tensor(v) else list(v) for v in (mean, std))  # torchvision uses tensors as they are
+    return TF.normalize(images, mean=mean, std=std)
 
 
 def sample_crop_flip(n: int, padding: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
