@@ -42,7 +42,7 @@ def live_server():
 
 
 def wait_for_job(client: httpx.Client, job_id: str, states=("succeeded", "failed", "cancelled"),
-                 timeout: float = 120, until=None) -> dict:
+                 timeout: float = 300, until=None) -> dict:
     """Poll GET /v1/jobs/{id} until the job reaches one of `states` (or `until(job)` holds)."""
     deadline = time.monotonic() + timeout
     while True:

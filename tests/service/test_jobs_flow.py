@@ -117,7 +117,7 @@ def test_train_labels_distill_then_serve_labels_and_predictions(flow, poll_job):
 def test_cancel_stops_a_running_job(flow, poll_job):
     client, _, _ = flow
     job_id = submit(client, {"kind": "train", "config": ce_config(epochs=200)})
-    poll_job(client, job_id, until=lambda job: job["state"] == "running", timeout=90)
+    poll_job(client, job_id, until=lambda job: job["state"] == "running", timeout=240)
     cancelled = client.post(f"/v1/jobs/{job_id}:cancel").json()
     assert cancelled["state"] == "cancelled" and cancelled["error"] == "cancelled by request"
     time.sleep(1.5)  # the runner sees the task end; the record must stay cancelled
@@ -155,7 +155,7 @@ def test_killed_service_loses_no_job_and_a_retry_resumes_it(ray_local, tmp_path,
             # enough epochs that the kill lands mid-stage: a finished stage would leave nothing to resume
             job_id = submit(client, {"kind": "train", "config": ce_config(epochs=60)})
             checkpoint = tmp_path / "runs" / job_id / "stage1" / "checkpoint.pt"
-            job = poll_job(client, job_id, timeout=90, until=lambda job: checkpoint.exists())
+            job = poll_job(client, job_id, timeout=240, until=lambda job: checkpoint.exists())
             assert job["state"] == "running", job
         server.send_signal(signal.SIGKILL)  # no shutdown handler runs: the record still says running
         server.wait(timeout=30)
@@ -166,7 +166,7 @@ def test_killed_service_loses_no_job_and_a_retry_resumes_it(ray_local, tmp_path,
             assert client.get("/v1/jobs").json()["count"] == 1
             retried = client.post(f"/v1/jobs/{job_id}:retry").json()
             assert retried["attempt"] == 2 and retried["state"] in ("queued", "running")
-            done = poll_job(client, job_id, timeout=120)
+            done = poll_job(client, job_id, timeout=300)
             assert done["state"] == "succeeded", done
             log = client.get(f"/v1/jobs/{job_id}/logs", params={"tail": 10_000}).text
         assert "attempt 2 started" in log and "resuming at epoch" in log
