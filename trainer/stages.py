@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,21 +152,22 @@ def train_stage1(ctx: RunContext, batches=None) -> Classifier:
     checkpoint, meta = ctx.out_dir / "stage1" / "checkpoint.pt", ctx.meta("I")
     # Only a run that draws its own batches shares: other batches train another stage I.
     shared = stage1_cache_entry(ctx.cfg.stage1_cache, meta) if batches is None else None
-    if shared is not None and shared.exists() and not checkpoint.exists() and is_primary():
-        log.info("stage I: starting from %s, a finished stage I of the same recipe", shared)
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared, checkpoint)  # fit finds every epoch done and trains none
-        ctx.stage1_reused = shared
-    if batches is None:
-        batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
-                              key_view="moco" in parts)
-    ctx.fit(stage="I", model=parts, loss_fn=loss_fn, batches=batches, optim=cfg.optim, generator=ctx.generator(1),
-        checkpoint=checkpoint, meta=meta, on_epoch_end=_periodic_eval(ctx, model))
-    if shared is not None and not shared.exists() and is_primary():
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        partial = shared.with_name(f"{shared.name}.{os.getpid()}.part")
-        shutil.copyfile(checkpoint, partial)
-        os.replace(partial, shared)  # whole or absent, even with several runs publishing at once
+    with stage1_claim(shared if ctx.shard is None else None):
+        if shared is not None and shared.exists() and not checkpoint.exists() and is_primary():
+            log.info("stage I: starting from %s, a finished stage I of the same recipe", shared)
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shared, checkpoint)  # fit finds every epoch done and trains none
+            ctx.stage1_reused = shared
+        if batches is None:
+            batches = ctx.batches(data.train, train=True, batch_size=cfg.optim.batch_size, sampler=cfg.sampler,
+                                  key_view="moco" in parts)
+        ctx.fit(stage="I", model=parts, loss_fn=loss_fn, batches=batches, optim=cfg.optim,
+                generator=ctx.generator(1), checkpoint=checkpoint, meta=meta, on_epoch_end=_periodic_eval(ctx, model))
+        if shared is not None and not shared.exists() and is_primary():
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            partial = shared.with_name(f"{shared.name}.{os.getpid()}.part")
+            shutil.copyfile(checkpoint, partial)
+            os.replace(partial, shared)  # whole or absent, even with several runs publishing at once
     return model
 
 
@@ -173,6 +176,26 @@ def stage1_cache_entry(cache: Path | None, meta: dict) -> Path | None:
     if cache is None:
         return None
     return Path(cache) / f"stage1-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]}.pt"
+
+
+@contextmanager
+def stage1_claim(entry: Path | None):
+    """Hold a cache entry's lock while its stage I is found or trained, so that runs of one recipe started at once
+    (service jobs, separate commands) train it once: a later run waits, then starts from the published entry.
+
+    The lock is an flock, released when its holder ends, crashed or not: after a trainer that died, the next run
+    trains the stage I itself. Under Ray Train (several ranks) nothing is locked: ranks must not wait apart."""
+    if entry is None:
+        yield
+        return
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_suffix(".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("stage I: waiting for another run that is training the same recipe (%s)", entry.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def features_of(ctx: RunContext, backbone: nn.Module, split) -> tuple[torch.Tensor, torch.Tensor]:

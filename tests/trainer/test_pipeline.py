@@ -168,3 +168,71 @@ def test_runs_with_the_same_stage1_recipe_train_it_once(tiny_lt, tmp_path):
     for other in (["method=ssd"], ["method=focal"]):
         assert "stage1_reused" not in run("_".join(other), *other)
     assert len(list(cache.glob("stage1-*.pt"))) == 3 and not list(cache.glob("*.part"))
+
+
+def test_runs_of_one_recipe_started_at_once_train_stage1_once(tiny_lt, tmp_path, caplog):
+    """A run whose stage I another live run is training waits for it, then starts from what it published; a run
+    whose trainer was killed (SIGKILL, nothing published) trains the stage I itself."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from trainer.stages import stage1_claim
+
+    cache = tmp_path / "cache"
+
+    def start(name: str) -> tuple[threading.Thread, dict]:
+        cfg = load_config(None, [*TINY, "method=lws", f"out_dir={tmp_path / name}", f"stage1_cache={cache}"])
+        result: dict = {}
+
+        def target():
+            try:
+                result["report"] = run_pipeline(cfg, data=tiny_lt)
+            except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread
+                result["error"] = error
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread, result
+
+    def waits(count: int) -> None:
+        deadline = time.monotonic() + 120
+        while sum("waiting for another run" in r.getMessage() for r in caplog.records) < count:
+            assert time.monotonic() < deadline, "the run never waited for the claim"
+            time.sleep(0.1)
+
+    caplog.set_level("INFO", logger="trainer.stages")
+    ce = run_pipeline(load_config(None, [*TINY, "method=ce", f"out_dir={tmp_path / 'ce'}", f"stage1_cache={cache}"]),
+                      data=tiny_lt)
+    entry = next(cache.glob("stage1-*.pt"))
+    finished = entry.read_bytes()
+    entry.unlink()
+
+    with stage1_claim(entry):  # a live run is training this recipe's stage I
+        thread, result = start("waited")
+        waits(1)
+        assert not (tmp_path / "waited" / "stage1" / "checkpoint.pt").exists()  # waiting, not training
+        entry.write_bytes(finished)  # it publishes, then ends
+    thread.join(timeout=300)
+    assert "error" not in result, result
+    assert result["report"]["stage1_reused"] == str(entry) and result["report"]["stages"]["I"] == ce["stages"]["I"]
+    assert (tmp_path / "waited" / "stage1" / "checkpoint.pt").read_bytes() == finished  # no epoch of its own
+
+    entry.unlink()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from trainer.stages import stage1_claim\nwith stage1_claim(Path(sys.argv[1])):\n"
+                               "    print('held', flush=True)\n    time.sleep(600)", str(entry)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        thread, result = start("after_crash")
+        waits(2)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    thread.join(timeout=300)
+    assert "error" not in result, result
+    assert "stage1_reused" not in result["report"] and result["report"]["stages"]["I"] == ce["stages"]["I"]
+    assert entry.exists() and not list(cache.glob("*.part"))
