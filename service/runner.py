@@ -101,7 +101,8 @@ def _headline(result: dict) -> dict:
 def _report_result(report: dict, run_dir: Path) -> dict:
     models = [run_dir.name] + ([f"{run_dir.name}/teacher"] if (run_dir / "teacher.pt").exists() else [])
     return {"metrics": {"final": _headline(report["final"]),
-                        "stages": {s: _headline(r) for s, r in report["stages"].items()}},
+                        "stages": {s: _headline(r) for s, r in report["stages"].items()},
+                        "stage1_reused": "stage1_reused" in report},  # started from a shared stage I
             "outputs": {"models": models}}
 
 

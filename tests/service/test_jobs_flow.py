@@ -114,6 +114,19 @@ def test_train_labels_distill_then_serve_labels_and_predictions(flow, poll_job):
 
 
 @pytest.mark.slow
+def test_jobs_of_one_stage1_recipe_posted_together_train_it_once(flow, poll_job):
+    """CE and LWS jobs posted at once share stage I: one trains and publishes it, the other starts from it (waiting
+    for it if they run side by side) and ends with the same stage-I numbers."""
+    client, _, _ = flow
+    ids = [submit(client, {"kind": "train", "config": {**ce_config(epochs=2), "method": method}})
+           for method in ("ce", "lws")]
+    jobs = [poll_job(client, job_id) for job_id in ids]
+    assert [job["state"] for job in jobs] == ["succeeded", "succeeded"], jobs
+    assert sorted(job["metrics"]["stage1_reused"] for job in jobs) == [False, True]
+    assert jobs[0]["metrics"]["stages"]["I"] == jobs[1]["metrics"]["stages"]["I"]
+
+
+@pytest.mark.slow
 def test_cancel_stops_a_running_job(flow, poll_job):
     client, _, _ = flow
     job_id = submit(client, {"kind": "train", "config": ce_config(epochs=200)})
