@@ -28,8 +28,12 @@ def focal_loss(
 ) -> torch.Tensor:
     """Mean of -w_y (1-p_t)^γ log p_t over the batch (Lin et al. 2017, softmax form); γ=0 is (weighted) CE."""
     ce = F.cross_entropy(logits, targets, reduction="none")
-    # 1 - p_t = -expm1(-ce) keeps precision when p_t is close to 1; the clamp guards against a tiny negative.
-    modulator = (-torch.expm1(-ce)).clamp(min=0.0).pow(gamma)
+    # 1 - p_t = -expm1(-ce) keeps precision when p_t is close to 1. Where it is 0 (a confident, right prediction)
+    # pow's gradient is inf for γ < 1, and inf · 0 is NaN (torch 2.11 returns it): the second `where` keeps pow away
+    # from 0, and the loss there, ~ce^(1+γ), has gradient 0 anyway.
+    miss = -torch.expm1(-ce)
+    positive = miss > 0
+    modulator = torch.where(positive, torch.where(positive, miss, 1.0).pow(gamma), 0.0)
     loss = modulator * ce
     if weight is not None:
         loss = loss * weight.to(loss)[targets]
