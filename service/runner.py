@@ -36,13 +36,17 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class _EpochProgress(logging.Handler):
-    """Turns the engine's per-epoch debug record ("stage %s %s", stage, record) into progress.json."""
+    """Turns the engine's per-epoch debug record ("stage %s %s", stage, record) into progress.json, and so does a
+    record that carries `progress` itself (a run waiting for a shared stage I)."""
 
     def __init__(self, path: Path, base: dict, epochs: dict[str, int]):
         super().__init__(logging.DEBUG)
         self.path, self.base, self.epochs = path, base, epochs
 
     def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(getattr(record, "progress", None), dict):
+            _write_json(self.path, {**self.base, **record.progress})
+            return
         args = record.args
         if isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], dict) and "epoch" in args[1]:
             stage, info = str(args[0]), args[1]

@@ -180,7 +180,8 @@ class JobPublic(BaseModel):
     started: datetime | None
     finished: datetime | None
     error: str | None = Field(description="Why it failed or was cancelled")
-    progress: dict[str, Any] | None = Field(description="stage/epoch/epochs/loss, or chunks_done/num_chunks")
+    progress: dict[str, Any] | None = Field(description="stage/epoch/epochs/loss, or chunks_done/num_chunks; "
+                                                        "`waiting` while a train job waits for a shared stage I")
     metrics: dict[str, Any] | None = Field(description="Last-epoch test accuracy (percent) per stage; for train and "
                                                        "distill jobs, whether stage I came from a shared one")
     outputs: dict[str, Any] | None = Field(description="Model ids or the labelset a succeeded job made")

@@ -193,7 +193,8 @@ def stage1_claim(entry: Path | None):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("stage I: waiting for another run that is training the same recipe (%s)", entry.name)
+            log.info("stage I: waiting for another run that is training the same recipe (%s)", entry.name,
+                     extra={"progress": {"stage": "I", "waiting": "for a run training the same stage I"}})
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
 
