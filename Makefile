@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-oldest-torch bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,18 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+# The suite on the oldest torch we support, the GPU machine's (torch 2.11 / torchvision 0.26), in its own venv.
+OLDEST := $(VENV)-oldest-torch
+test-oldest-torch:
+	$(PY) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q torch==2.11.0 torchvision==0.26.0
+	grep -v -E '^(torch|torchvision)==' requirements.lock > $(OLDEST)/constraints.txt
+	$(OLDEST)/bin/python -m pip install -q -c $(OLDEST)/constraints.txt -e ".[test]"
+	PATH="$(abspath $(OLDEST)/bin):$$PATH" OMP_NUM_THREADS=2 $(OLDEST)/bin/python -m pytest
+
 bench: install
 	$(BIN)/python bench/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(OLDEST) runs
