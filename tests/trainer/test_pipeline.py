@@ -234,5 +234,5 @@ def test_runs_of_one_recipe_started_at_once_train_stage1_once(tiny_lt, tmp_path,
         holder.wait()
     thread.join(timeout=300)
     assert "error" not in result, result
-    assert "stage1_reused" not in result["report"] and result["report"]["stages"]["I"] == ce["stages"]["I"]
-    assert entry.exists() and not list(cache.glob("*.part"))
+    assert "stage1_reused" not in result["report"]  # trained its own stage I...
+    assert entry.exists() and not list(cache.glob("*.part"))  # ...and published it
