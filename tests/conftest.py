@@ -29,6 +29,29 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def claim_holder():
+    """Starts another process that holds a stage-I cache entry's claim (trainer.stages.stage1_claim), as a live run
+    training that stage I would; `kill()` it to play a trainer that died without publishing. Killed at teardown."""
+    import subprocess
+    import sys
+
+    holders = []
+
+    def hold(entry) -> subprocess.Popen:
+        code = ("import sys, time\nfrom pathlib import Path\nfrom trainer.stages import stage1_claim\n"
+                "with stage1_claim(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)")
+        holder = subprocess.Popen([sys.executable, "-c", code, str(entry)], stdout=subprocess.PIPE, text=True)
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "held"
+        return holder
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -127,7 +127,7 @@ def test_jobs_of_one_stage1_recipe_posted_together_train_it_once(flow, poll_job)
 
 
 @pytest.mark.slow
-def test_a_job_waits_while_another_process_trains_its_stage1(flow, poll_job, tmp_path):
+def test_a_job_waits_while_another_process_trains_its_stage1(flow, poll_job, tmp_path, claim_holder):
     """While another process holds the claim on a recipe's stage I, a train job of that recipe says it is waiting;
     when that process is killed without publishing, the job trains the stage I itself and publishes it."""
     from trainer.stages import prepare, stage1_cache_entry
@@ -136,19 +136,12 @@ def test_a_job_waits_while_another_process_trains_its_stage1(flow, poll_job, tmp
     config = {**ce_config(epochs=2), "seed": 7}  # a recipe no other test trains
     ctx = prepare(RunConfig.model_validate({**config, "out_dir": str(tmp_path)}))
     entry = stage1_cache_entry((runs_root / "stage1_cache").resolve(), ctx.meta("I"))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from trainer.stages import stage1_claim\nwith stage1_claim(Path(sys.argv[1])):\n"
-                               "    print('held', flush=True)\n    time.sleep(600)", str(entry)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        job_id = submit(client, {"kind": "train", "config": config})
-        job = poll_job(client, job_id, timeout=180, until=lambda job: (job["progress"] or {}).get("waiting"))
-        assert job["state"] == "running" and job["progress"]["stage"] == "I", job
-        assert not (runs_root / job_id / "stage1" / "checkpoint.pt").exists()  # waiting, not training
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = claim_holder(entry)
+    job_id = submit(client, {"kind": "train", "config": config})
+    job = poll_job(client, job_id, timeout=180, until=lambda job: (job["progress"] or {}).get("waiting"))
+    assert job["state"] == "running" and job["progress"]["stage"] == "I", job
+    assert not (runs_root / job_id / "stage1" / "checkpoint.pt").exists()  # waiting, not training
+    holder.kill()  # it dies without publishing
     done = poll_job(client, job_id)
     assert done["state"] == "succeeded" and done["metrics"]["stage1_reused"] is False, done
     assert "waiting for another run" in client.get(f"/v1/jobs/{job_id}/logs").text

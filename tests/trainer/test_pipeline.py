@@ -170,12 +170,9 @@ def test_runs_with_the_same_stage1_recipe_train_it_once(tiny_lt, tmp_path):
     assert len(list(cache.glob("stage1-*.pt"))) == 3 and not list(cache.glob("*.part"))
 
 
-def test_runs_of_one_recipe_started_at_once_train_stage1_once(tiny_lt, tmp_path, caplog):
+def test_runs_of_one_recipe_started_at_once_train_stage1_once(tiny_lt, tmp_path, caplog, claim_holder):
     """A run whose stage I another live run is training waits for it, then starts from what it published; a run
     whose trainer was killed (SIGKILL, nothing published) trains the stage I itself."""
-    import signal
-    import subprocess
-    import sys
     import threading
     import time
 
@@ -221,17 +218,10 @@ def test_runs_of_one_recipe_started_at_once_train_stage1_once(tiny_lt, tmp_path,
     assert (tmp_path / "waited" / "stage1" / "checkpoint.pt").read_bytes() == finished  # no epoch of its own
 
     entry.unlink()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from trainer.stages import stage1_claim\nwith stage1_claim(Path(sys.argv[1])):\n"
-                               "    print('held', flush=True)\n    time.sleep(600)", str(entry)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        thread, result = start("after_crash")
-        waits(2)
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    holder = claim_holder(entry)
+    thread, result = start("after_crash")
+    waits(2)
+    holder.kill()  # it dies without publishing
     thread.join(timeout=300)
     assert "error" not in result, result
     assert "stage1_reused" not in result["report"]  # trained its own stage I...
