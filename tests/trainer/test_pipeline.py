@@ -226,3 +226,20 @@ def test_runs_of_one_recipe_started_at_once_train_stage1_once(tiny_lt, tmp_path,
     assert "error" not in result, result
     assert "stage1_reused" not in result["report"]  # trained its own stage I...
     assert entry.exists() and not list(cache.glob("*.part"))  # ...and published it
+
+
+def test_stage1_claim_on_a_filesystem_without_locks_goes_on_unlocked(tmp_path, monkeypatch, caplog):
+    """Where flock is not supported (ENOLCK), a run is not stopped: it warns and trains unlocked."""
+    import errno
+    import fcntl
+
+    from trainer.stages import stage1_claim
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    entered = False
+    with stage1_claim(tmp_path / "cache" / "stage1-0123456789abcdef.pt"):
+        entered = True
+    assert entered and "cannot lock" in caplog.text
