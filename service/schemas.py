@@ -19,7 +19,10 @@ TINY_CONFIG = {"method": "ssd", "data": {"name": "synthetic", "imbalance_factor"
 
 
 class Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields are refused, and values are taken as their JSON types, never coerced (a
+    boolean is not an image id, nor a temperature). A run config inside keeps its own, YAML-friendly parsing."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorBody(BaseModel):

@@ -73,6 +73,10 @@ def test_batch_json_keeps_order_and_npy_matches(api, api_roots):
     ("post", "/v1/labelsets/known/labels:batch", {"json": {"image_ids": [1, 200, 300]}}, 404, "image_id", "[200, 300]"),
     ("post", "/v1/labelsets/known/labels:batch", {"json": {"image_ids": []}}, 422, "validation_error", "image_ids"),
     ("post", "/v1/labelsets/known/labels:batch", {"json": {"image_ids": [1], "T": 2}}, 422, "validation_error", "T"),
+    # JSON types are taken as they are: a boolean is neither an image id (False would read as image 0) nor a T
+    ("post", "/v1/labelsets/known/labels:batch", {"json": {"image_ids": [False]}}, 422, "validation_error", "integer"),
+    ("post", "/v1/labelsets/known/labels:batch", {"json": {"image_ids": [1], "temperature": True}}, 422,
+     "validation_error", "number"),
     ("post", "/v1/labelsets/known/labels:batch", {"content": b"{not json"}, 422, "validation_error", "json"),
     ("post", "/v1/labelsets/known/labels:batch", {"content": b"x" * 300_000}, 413, "payload_too_large", "bytes"),
 ])
