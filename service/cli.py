@@ -54,10 +54,14 @@ def _run(cfgs: list[RunConfig], use_ray: bool, address: str | None, runs_per_gpu
         typer.secho("bad config: distributed.num_workers > 1 trains on Ray Train; drop --no-ray", fg="red", err=True)
         raise typer.Exit(2)
     if use_ray:
-        from trainer.workers import init_ray, run_pipelines
+        from trainer.workers import RunsFailedError, init_ray, run_pipelines
 
         init_ray(address)
-        return run_pipelines(cfgs, runs_per_gpu=runs_per_gpu)
+        try:
+            return run_pipelines(cfgs, runs_per_gpu=runs_per_gpu)
+        except RunsFailedError as err:
+            typer.secho(str(err), fg="red", err=True)
+            raise typer.Exit(1) from err
     from trainer.stages import run_pipeline
 
     return [run_pipeline(cfg) for cfg in cfgs]

@@ -48,9 +48,20 @@ def task_resources(parallel: int = 1, runs_per_gpu: int = 1) -> dict:
     return share_resources(ray.cluster_resources(), largest_node, parallel, runs_per_gpu)
 
 
-def _run_pipeline_task(cfg_dict: dict, *after: dict) -> dict:
+class RunsFailedError(RuntimeError):
+    """Some runs of a batch failed; the others ran to the end (their folders hold their results)."""
+
+
+@ray.remote(num_cpus=0)
+def _settled(refs: list) -> None:
+    """Ready once the runs in `refs` have ended, failed or not (refs inside a list reach a task unresolved): a run
+    waiting for another's stage I then trains its own if that run failed, instead of failing with it."""
+    ray.wait(refs, num_returns=len(refs))
+
+
+def _run_pipeline_task(cfg_dict: dict, *after: None) -> dict:
     """Validate the config again on arrival (it crossed a process boundary), then run in this worker. `after`: the
-    reports of runs this one waits for (Ray starts the task once they exist); unused."""
+    runs this one waits for, `_settled` (Ray starts the task once they have ended); unused."""
     import torch
 
     from trainer.stages import run_pipeline
@@ -70,6 +81,7 @@ def _run_pipeline_task(cfg_dict: dict, *after: dict) -> dict:
 def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1, runs_per_gpu: int = 1) -> list[dict]:
     """Run several configs (seeds, methods) as parallel Ray tasks, `runs_per_gpu` of them sharing each GPU; a crashed
     worker is retried `max_retries` times, and the retry resumes from the stage's last checkpoint in the run folder.
+    A run that fails does not stop the others: all run to the end, then RunsFailedError names the failed ones.
 
     Configs with `distributed.num_workers` > 1 run one after another, each on Ray Train across the cluster.
     """
@@ -78,10 +90,20 @@ def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1, runs_per_gpu: int
     task = ray.remote(max_retries=max_retries, **resources)(_run_pipeline_task)
     refs: dict[int, ray.ObjectRef] = {}
     for cfg, first in zip(single, first_with_same_stage1(single)):  # a run sharing a stage I waits for its trainer
-        after = [refs[id(single[first])]] if first is not None else []
+        after = [_settled.remote([refs[id(single[first])]])] if first is not None else []
         refs[id(cfg)] = task.remote(_absolute_paths(cfg).model_dump(mode="json"), *after)
     reports = {id(cfg): train_distributed(cfg) for cfg in cfgs if cfg.distributed.num_workers > 1}
-    return [reports[id(cfg)] if id(cfg) in reports else ray.get(refs[id(cfg)]) for cfg in cfgs]
+    failed = []
+    for cfg in single:
+        try:
+            reports[id(cfg)] = ray.get(refs[id(cfg)])
+        except ray.exceptions.RayError as err:
+            cause = getattr(err, "cause", None) or err
+            failed.append(f"{cfg.out_dir}: {type(cause).__name__}: {cause}")
+    if failed:
+        raise RunsFailedError(f"{len(failed)} of {len(cfgs)} runs failed (the others finished; re-running the same "
+                              "command resumes from the runs' checkpoints):\n" + "\n".join(failed))
+    return [reports[id(cfg)] for cfg in cfgs]
 
 
 def first_with_same_stage1(cfgs: list[RunConfig]) -> list[int | None]:

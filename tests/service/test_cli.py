@@ -26,6 +26,14 @@ def test_bad_config_exits_2_and_says_why(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_that_fails_on_ray_exits_1_and_names_it(ray_local, tmp_path):
+    """tau_norm without a validation split passes config checks but fails in stage II: exit 1, run and reason named."""
+    result = runner.invoke(app, ["train", *TINY, "method=tau_norm", f"out_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 1, result.output
+    assert "1 of 1 runs failed" in result.output and str(tmp_path / "run") in result.output
+    assert "validation split" in result.output
+
+
 def test_unknown_table_exits_2():
     assert runner.invoke(app, ["reproduce", "imagenet_lt"]).exit_code == 2
 
