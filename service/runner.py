@@ -104,10 +104,10 @@ def _headline(result: dict) -> dict:
 
 def _report_result(report: dict, run_dir: Path) -> dict:
     models = [run_dir.name] + ([f"{run_dir.name}/teacher"] if (run_dir / "teacher.pt").exists() else [])
-    return {"metrics": {"final": _headline(report["final"]),
-                        "stages": {s: _headline(r) for s, r in report["stages"].items()},
-                        "stage1_reused": "stage1_reused" in report},  # started from a shared stage I
-            "outputs": {"models": models}}
+    metrics = {"final": _headline(report["final"]), "stages": {s: _headline(r) for s, r in report["stages"].items()}}
+    if "I" in report["stages"]:  # a run that trained (or shared) a stage I, not a distillation from a labelset
+        metrics["stage1_reused"] = "stage1_reused" in report
+    return {"metrics": metrics, "outputs": {"models": models}}
 
 
 def _train(cfg, payload: dict) -> dict:

@@ -185,8 +185,8 @@ class JobPublic(BaseModel):
     error: str | None = Field(description="Why it failed or was cancelled")
     progress: dict[str, Any] | None = Field(description="stage/epoch/epochs/loss, or chunks_done/num_chunks; "
                                                         "`waiting` while a train job waits for a shared stage I")
-    metrics: dict[str, Any] | None = Field(description="Last-epoch test accuracy (percent) per stage; for train and "
-                                                       "distill jobs, whether stage I came from a shared one")
+    metrics: dict[str, Any] | None = Field(description="Last-epoch test accuracy (percent) per stage; for train "
+                                                       "jobs, whether stage I came from a shared one")
     outputs: dict[str, Any] | None = Field(description="Model ids or the labelset a succeeded job made")
     request: dict[str, Any] = Field(description="The request as submitted")
 

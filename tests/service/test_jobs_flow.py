@@ -96,6 +96,7 @@ def test_train_labels_distill_then_serve_labels_and_predictions(flow, poll_job):
     distill = poll_job(client, distill_id)
     assert distill["state"] == "succeeded", distill
     assert distill["outputs"]["models"] == [distill_id] and "IV" in distill["metrics"]["stages"]
+    assert train["metrics"]["stage1_reused"] is False and "stage1_reused" not in distill["metrics"]  # no stage I
     student = client.get(f"/v1/models/{distill_id}").json()
     assert student["role"] == "student" and student["metrics"] == distill["metrics"]["final"]
 
