@@ -53,18 +53,27 @@ def _run(cfgs: list[RunConfig], use_ray: bool, address: str | None, runs_per_gpu
     if not use_ray and any(cfg.distributed.num_workers > 1 for cfg in cfgs):
         typer.secho("bad config: distributed.num_workers > 1 trains on Ray Train; drop --no-ray", fg="red", err=True)
         raise typer.Exit(2)
-    if use_ray:
-        from trainer.workers import RunsFailedError, init_ray, run_pipelines
+    from trainer.stages import RunsFailedError, run_pipeline
 
-        init_ray(address)
-        try:
+    try:
+        if use_ray:
+            from trainer.workers import init_ray, run_pipelines
+
+            init_ray(address)
             return run_pipelines(cfgs, runs_per_gpu=runs_per_gpu)
-        except RunsFailedError as err:
-            typer.secho(str(err), fg="red", err=True)
-            raise typer.Exit(1) from err
-    from trainer.stages import run_pipeline
-
-    return [run_pipeline(cfg) for cfg in cfgs]
+        reports, failed = [], []
+        for cfg in cfgs:  # one after another; a failed run does not stop the rest, as on Ray
+            try:
+                reports.append(run_pipeline(cfg))
+            except Exception as err:  # noqa: BLE001 - reported below, with its traceback logged here
+                log.exception("run %s failed", cfg.out_dir)
+                failed.append(f"{cfg.out_dir}: {type(err).__name__}: {err}")
+        if failed:
+            raise RunsFailedError(failed, len(cfgs))
+        return reports
+    except RunsFailedError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(1) from err
 
 
 def _row(report: dict, **extra) -> dict:

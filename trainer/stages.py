@@ -364,6 +364,14 @@ def _periodic_eval(ctx: RunContext, module: nn.Module, forward=None):
     return hook
 
 
+class RunsFailedError(RuntimeError):
+    """Some runs of a batch failed; the others ran to the end (their folders hold their results)."""
+
+    def __init__(self, failed: list[str], total: int):
+        super().__init__(f"{len(failed)} of {total} runs failed (the others finished; re-running the same command "
+                         "resumes from the runs' checkpoints):\n" + "\n".join(failed))
+
+
 def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: LongTailData | None = None) -> dict:
     """Train what `cfg.method` names, evaluate the last epoch on the test set, write metrics.json and plots.
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import ray
 
 from trainer.config import RunConfig
+from trainer.stages import RunsFailedError
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ def task_resources(parallel: int = 1, runs_per_gpu: int = 1) -> dict:
     """`share_resources` for the cluster Ray is connected to."""
     largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
     return share_resources(ray.cluster_resources(), largest_node, parallel, runs_per_gpu)
-
-
-class RunsFailedError(RuntimeError):
-    """Some runs of a batch failed; the others ran to the end (their folders hold their results)."""
 
 
 @ray.remote(num_cpus=0)
@@ -101,8 +98,7 @@ def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1, runs_per_gpu: int
             cause = getattr(err, "cause", None) or err
             failed.append(f"{cfg.out_dir}: {type(cause).__name__}: {cause}")
     if failed:
-        raise RunsFailedError(f"{len(failed)} of {len(cfgs)} runs failed (the others finished; re-running the same "
-                              "command resumes from the runs' checkpoints):\n" + "\n".join(failed))
+        raise RunsFailedError(failed, len(cfgs))
     return [reports[id(cfg)] for cfg in cfgs]
 
 

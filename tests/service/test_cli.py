@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
@@ -26,9 +27,11 @@ def test_bad_config_exits_2_and_says_why(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_that_fails_on_ray_exits_1_and_names_it(ray_local, tmp_path):
-    """tau_norm without a validation split passes config checks but fails in stage II: exit 1, run and reason named."""
-    result = runner.invoke(app, ["train", *TINY, "method=tau_norm", f"out_dir={tmp_path / 'run'}"])
+@pytest.mark.parametrize("where", [["--ray"], ["--no-ray"]])
+def test_a_run_that_fails_exits_1_and_names_it(ray_local, tmp_path, where):
+    """tau_norm without a validation split passes config checks but fails in stage II: exit 1, run and reason named,
+    on Ray and in process alike."""
+    result = runner.invoke(app, ["train", *where, *TINY, "method=tau_norm", f"out_dir={tmp_path / 'run'}"])
     assert result.exit_code == 1, result.output
     assert "1 of 1 runs failed" in result.output and str(tmp_path / "run") in result.output
     assert "validation split" in result.output
