@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 
 from trainer.config import RunConfig
-from trainer.stages import RunsFailedError
+from trainer.stages import RunsFailedError, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,6 @@ def _run_pipeline_task(cfg_dict: dict, *after: None) -> dict:
     """Validate the config again on arrival (it crossed a process boundary), then run in this worker. `after`: the
     runs this one waits for, `_settled` (Ray starts the task once they have ended); unused."""
     import torch
-
-    from trainer.stages import run_pipeline
 
     os.environ["LTD_PROGRESS"] = "ray"  # progress bars drawn on the driver, one per worker
     context = ray.get_runtime_context()
@@ -283,7 +281,6 @@ def _train_loop_per_worker(config: dict) -> None:
     import torch
 
     from trainer.distributed import WorkerHooks, all_gather_objects, installed_hooks
-    from trainer.stages import run_pipeline
 
     cfg = RunConfig.model_validate(config["cfg"])  # crossed a process boundary: validate again
     rank = ray.train.get_context().get_world_rank()

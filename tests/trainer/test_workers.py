@@ -26,4 +26,4 @@ def test_a_failed_run_does_not_fail_the_run_waiting_for_its_stage1(ray_local, tm
     assert str(tmp_path / "lws") not in message
     report = json.loads((tmp_path / "lws" / "metrics.json").read_text())
     assert report["stage1_reused"] == str(next(cache.glob("stage1-*.pt")))
-    assert report["ray_task"]["started"] > 0 and "II" in report["stages"]
+    assert set(report["stages"]) == {"I", "II"}  # ran to the end
