@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lost = jobs_db.fail_interrupted()
         if lost:
             log.warning("marked %d job(s) failed that a previous service left unfinished: %s", len(lost), lost)
-        runner = JobRunner(jobs_db, settings.ray_address)
+        runner = JobRunner(jobs_db, settings.ray_address, jobs_per_device=settings.jobs_per_device)
         runner.start()
         state = {
             "settings": settings, "metrics": metrics, "jobs": jobs_db, "runner": runner,

@@ -4,11 +4,15 @@ Why one task per job, driven from a thread: `ray.cancel(ref, force=True)` then s
 actors die with the task that owns them), and the service process itself never trains. The runner thread blocks
 only in `ray.wait`, so request handlers stay free; all state lives in the SQLite records (service/jobs.py), so a
 restarted service knows every job and fails the ones it lost (`JobStore.fail_interrupted`).
+
+A train job whose stage-I recipe another live job is about to train is held back (queued, `progress.waiting`) until
+that job has published it: waiting inside a Ray task would hold a GPU doing nothing while other jobs queue for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -170,24 +174,49 @@ def job_progress(job: JobRecord, store_root: Path) -> dict | None:
 # ---- in the service ------------------------------------------------------------------------------------------------
 
 
-def _task_options(kind: str, distributed_workers: int = 1) -> dict:
-    """Labels jobs and Ray Train jobs only orchestrate (their actors hold the CPUs); training gets a node's share."""
+def _task_options(kind: str, distributed_workers: int = 1, jobs_per_device: int = 1) -> dict:
+    """Labels jobs and Ray Train jobs only orchestrate (their actors hold the CPUs); training gets a GPU (or the
+    CPUs) shared out between `jobs_per_device` jobs."""
     if kind == "labels" or distributed_workers > 1:
         return {"num_cpus": 0, "num_gpus": 0}
     from trainer.workers import task_resources
 
-    return task_resources(parallel=1)
+    return task_resources(parallel=jobs_per_device, runs_per_gpu=jobs_per_device)
+
+
+def stage1_recipe_key(job: JobRecord) -> str | None:
+    """A digest of the stage-I recipe a job shares through the service's stage-I cache (`RunConfig.stage1_recipe`),
+    or None when it shares none: labels and distill jobs, expert methods, Ray Train jobs (their ranks report no
+    progress here), sharing off."""
+    config = job.payload.get("config") or {}
+    if job.kind != "train" or not config.get("stage1_cache") or config.get("distributed", {}).get("num_workers", 1) > 1:
+        return None
+    from trainer.config import RunConfig
+
+    cfg = RunConfig.model_validate(config)
+    if cfg.pipeline == "experts":
+        return None
+    return hashlib.sha256(json.dumps(cfg.stage1_recipe(), sort_keys=True).encode()).hexdigest()
+
+
+def _past_stage1(progress: dict | None, attempt: int) -> bool:
+    """Whether a job's worker reported a stage after I (its stage I is then published)."""
+    return bool(progress) and progress.get("attempt") == attempt and progress.get("stage") not in (None, "I")
 
 
 class JobRunner:
     """Submits job tasks to Ray and, in one background thread, records when each starts and how it ends."""
 
-    def __init__(self, store: JobStore, ray_address: str | None, poll_s: float = 0.5):
+    def __init__(self, store: JobStore, ray_address: str | None, poll_s: float = 0.5, jobs_per_device: int = 1):
         self.store = store
         self.ray_address = ray_address
         self.poll_s = poll_s
+        self.jobs_per_device = jobs_per_device
         self._refs: dict = {}  # ObjectRef -> (job id, attempt, run folder)
         self._started: set = set()  # refs already recorded as running
+        self._recipes: dict[str, str] = {}  # submitted job id -> its stage-I recipe key (jobs that share one)
+        self._published: set[str] = set()  # recipe keys whose stage I a job of this service has published
+        self._held: dict[str, tuple[JobRecord, str]] = {}  # held-back job id -> (job, its recipe key)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ltd-job-runner", daemon=True)
@@ -215,13 +244,26 @@ class JobRunner:
                 self.started_ray = True
 
     def submit(self, job: JobRecord) -> None:
-        """Start the job's task; a cluster that cannot take it leaves the job failed with the reason."""
+        """Start the job's task, or hold it back while another job trains its stage I; a cluster that cannot take
+        it leaves the job failed with the reason."""
+        recipe = stage1_recipe_key(job)
+        with self._lock:
+            holder = self._training_stage1(recipe)
+            if holder is not None:
+                self._held[job.id] = (job, recipe)
+        if holder is not None:
+            log.info("job %s waits for job %s, which trains the same stage I", job.id, holder)
+            run_dir = Path(job.payload["run_dir"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir / PROGRESS_FILE, {"stage": "I", "waiting": f"for job {holder}, which trains the "
+                                                                           "same stage I"})
+            return
         try:
             self._ensure_ray()
             import ray
 
             workers = job.payload.get("config", {}).get("distributed", {}).get("num_workers", 1)
-            task = ray.remote(max_retries=0, **_task_options(job.kind, workers))(run_job)
+            task = ray.remote(max_retries=0, **_task_options(job.kind, workers, self.jobs_per_device))(run_job)
             ref = task.remote(job.kind, job.payload, job.attempt)
         except Exception as err:  # noqa: BLE001 - any failure to reach Ray is the job's failure, not the request's
             log.exception("could not submit job %s", job.id)
@@ -229,16 +271,45 @@ class JobRunner:
             return
         with self._lock:
             self._refs[ref] = (job.id, job.attempt, Path(job.payload["run_dir"]))
+            if recipe is not None:
+                self._recipes[job.id] = recipe
+
+    def _training_stage1(self, recipe: str | None) -> str | None:
+        """The submitted job that is to train this recipe's stage I (running it or queued for the cluster), if
+        any; called under the lock."""
+        if recipe is None or recipe in self._published:
+            return None
+        for job_id, attempt, run_dir in self._refs.values():
+            if self._recipes.get(job_id) == recipe:
+                if _past_stage1(read_progress(run_dir), attempt):
+                    self._published.add(recipe)
+                    return None
+                return job_id
+        return None
+
+    def _release_held(self) -> None:
+        """Submit the held-back jobs whose stage I is published or whose holder ended; a job whose holder failed
+        may be held again, behind the first of them, which trains the stage I in its place."""
+        with self._lock:
+            free = [job for job, recipe in self._held.values() if self._training_stage1(recipe) is None]
+            for job in free:
+                del self._held[job.id]
+        for job in free:
+            if self.store.get(job.id).state == "queued":
+                self.submit(job)
 
     def cancel(self, job_id: str) -> bool:
-        """Force-cancel the job's task (and the actors it owns); True if a live task was found."""
+        """Force-cancel the job's task (and the actors it owns), or drop it if held back; True if one was found."""
         import ray
 
         with self._lock:
+            held = self._held.pop(job_id, None)
             refs = [ref for ref, (jid, _, _) in self._refs.items() if jid == job_id]
+        if held is not None:
+            (Path(held[0].payload["run_dir"]) / PROGRESS_FILE).unlink(missing_ok=True)  # it never started
         for ref in refs:
             ray.cancel(ref, force=True)
-        return bool(refs)
+        return bool(refs) or held is not None
 
     def stop(self) -> None:
         """On shutdown: stop watching, cancel what still runs and record why (a resubmission resumes it)."""
@@ -249,20 +320,25 @@ class JobRunner:
 
         with self._lock:
             live, self._refs = dict(self._refs), {}
+            held, self._held = list(self._held), {}
         for ref, (job_id, _, _) in live.items():
             with contextlib.suppress(Exception):  # Ray may already be gone; the record matters more
                 ray.cancel(ref, force=True)
             self.store.finish(job_id, "failed", error="the service shut down while this job ran; "
                                                       f"POST /v1/jobs/{job_id}:retry resumes it")
+        for job_id in held:
+            self.store.finish(job_id, "failed", error="the service shut down while this job waited for a shared "
+                                                      f"stage I; POST /v1/jobs/{job_id}:retry runs it")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                live = dict(self._refs)
-            if not live:
-                self._stop.wait(self.poll_s / 2)
-                continue
             try:
+                self._release_held()
+                with self._lock:
+                    live = dict(self._refs)
+                if not live:
+                    self._stop.wait(self.poll_s / 2)
+                    continue
                 self._poll(live)
             except Exception:  # noqa: BLE001 - the watcher must outlive any one bad poll
                 log.exception("job runner poll failed")
@@ -280,10 +356,13 @@ class JobRunner:
                 self.store.mark_running(job_id, started=progress.get("started"))
         for ref in ready:
             job_id, attempt, run_dir = live[ref]
+            self._settle(ref, job_id, run_dir)
             with self._lock:
                 self._refs.pop(ref, None)
+                recipe = self._recipes.pop(job_id, None)
+                if recipe is not None and self.store.get(job_id).state == "succeeded":
+                    self._published.add(recipe)  # a job that ended after stage I (CE) published it
             self._started.discard(ref)
-            self._settle(ref, job_id, run_dir)
 
     def _settle(self, ref, job_id: str, run_dir: Path) -> None:
         import ray

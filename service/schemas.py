@@ -184,7 +184,8 @@ class JobPublic(BaseModel):
     finished: datetime | None
     error: str | None = Field(description="Why it failed or was cancelled")
     progress: dict[str, Any] | None = Field(description="stage/epoch/epochs/loss, or chunks_done/num_chunks; "
-                                                        "`waiting` while a train job waits for a shared stage I")
+                                                        "`waiting` while a train job waits for a stage I another job "
+                                                        "trains (queued: held back by the service)")
     metrics: dict[str, Any] | None = Field(description="Last-epoch test accuracy (percent) per stage; for train "
                                                        "jobs, whether stage I came from a shared one")
     outputs: dict[str, Any] | None = Field(description="Model ids or the labelset a succeeded job made")

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     share_stage1: bool = Field(
         True, description="Jobs with the same stage-I recipe (data, model, augmentation, seed, stage-I settings) start "
                           "from one finished stage I, kept in runs_root/stage1_cache, instead of each training it")
+    jobs_per_device: int = Field(
+        1, ge=1, le=64, description="Train and distill jobs that run side by side on one GPU (each gets that share of "
+                                    "it and of its CPUs); on a cluster without GPUs, jobs that share its CPUs")
     api_key: SecretStr | None = Field(None, description="Key for mutating endpoints, sent as X-API-Key (None: open)")
     read_key_required: bool = Field(False, description="Also require the key on read endpoints")
     ray_address: str | None = Field(None, description="Ray cluster address (None: RAY_ADDRESS, else a local Ray)")

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import httpx
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from service.jobs import JobStore
 from trainer.augment import normalize, to_float
 from trainer.config import RunConfig
 from trainer.datasets import load_dataset
@@ -147,6 +149,47 @@ def test_a_job_waits_while_another_process_trains_its_stage1(flow, poll_job, tmp
     assert done["state"] == "succeeded" and done["metrics"]["stage1_reused"] is False, done
     assert "waiting for another run" in client.get(f"/v1/jobs/{job_id}/logs").text
     assert entry.exists()
+
+
+@pytest.mark.slow
+def test_a_job_held_for_a_shared_stage1_leaves_its_slot_to_other_jobs(tmp_path, live_server, ray_local, api_key,
+                                                                      poll_job):
+    """With two job slots (jobs_per_device=2 on 2 CPUs), LWS and cRT jobs of the CE job's stage-I recipe are held
+    back (queued, waiting for the CE job) instead of each holding a slot to wait in, so an unrelated job runs beside
+    the CE job. A held job that is cancelled never runs; LWS starts once CE has published its stage I, and reuses it."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(store_root=tmp_path / "store", runs_root=tmp_path / "runs", api_key=api_key,
+                        jobs_per_device=2)
+    recipe = {**ce_config(epochs=8), "seed": 11}
+    with live_server(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30,
+                                                                headers={"X-API-Key": api_key}) as client:
+        ce, lws, crt = (submit(client, {"kind": "train", "config": {**recipe, "method": m}}) for m in ("ce", "lws", "crt"))
+        other = submit(client, {"kind": "train", "config": {**ce_config(epochs=1), "seed": 12}})
+        for held in (lws, crt):
+            job = client.get(f"/v1/jobs/{held}").json()
+            assert job["state"] == "queued" and ce in job["progress"]["waiting"], job
+        cancelled = client.post(f"/v1/jobs/{crt}:cancel").json()
+        assert cancelled["state"] == "cancelled" and cancelled["progress"] is None, cancelled
+        done = {name: poll_job(client, job_id) for name, job_id in (("ce", ce), ("lws", lws), ("other", other))}
+        assert {job["state"] for job in done.values()} == {"succeeded"}, done
+        ended = {name: (datetime.fromisoformat(job["started"]), datetime.fromisoformat(job["finished"]))
+                 for name, job in done.items()}
+        assert ended["other"][0] < ended["ce"][1], ended  # it ran beside CE, not behind a job waiting for CE,
+        assert ended["other"][1] <= ended["lws"][0], ended  # and ended (1 epoch, CE has 8) before LWS was let go
+        assert ended["lws"][0] >= ended["ce"][1], ended  # CE (a joint method) published its stage I at its end
+        assert (done["ce"]["metrics"]["stage1_reused"], done["lws"]["metrics"]["stage1_reused"]) == (False, True)
+        assert done["lws"]["metrics"]["stages"]["I"] == done["ce"]["metrics"]["stages"]["I"]
+        assert client.get(f"/v1/jobs/{crt}").json()["state"] == "cancelled"
+        assert not (settings.runs_root / crt / "stage1").exists()  # never started
+        running = submit(client, {"kind": "train", "config": {**ce_config(epochs=500), "seed": 13}})
+        waiting = submit(client, {"kind": "train", "config": {**ce_config(epochs=500), "seed": 13, "method": "lws"}})
+    # the service shut down with one job running and one held back: both records say how to go on
+    records = JobStore(settings.jobs_db)
+    assert records.get(running).state == records.get(waiting).state == "failed"
+    assert "while this job waited for a shared stage I" in records.get(waiting).error
+    assert f"/v1/jobs/{waiting}:retry" in records.get(waiting).error
 
 
 @pytest.mark.slow
