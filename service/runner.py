@@ -214,7 +214,7 @@ class JobRunner:
         self.jobs_per_device = jobs_per_device
         self._refs: dict = {}  # ObjectRef -> (job id, attempt, run folder)
         self._started: set = set()  # refs already recorded as running
-        self._recipes: dict[str, str] = {}  # submitted job id -> its stage-I recipe key (jobs that share one)
+        self._sharing: dict[str, tuple[str, int, Path]] = {}  # sent job id -> (recipe key, attempt, run folder)
         self._published: set[str] = set()  # recipe keys whose stage I a job of this service has published
         self._held: dict[str, tuple[JobRecord, str]] = {}  # held-back job id -> (job, its recipe key)
         self._lock = threading.Lock()
@@ -247,13 +247,15 @@ class JobRunner:
         """Start the job's task, or hold it back while another job trains its stage I; a cluster that cannot take
         it leaves the job failed with the reason."""
         recipe = stage1_recipe_key(job)
-        with self._lock:
+        run_dir = Path(job.payload["run_dir"])
+        with self._lock:  # decide and register at once: of two jobs of a recipe sent together, one is held
             holder = self._training_stage1(recipe)
             if holder is not None:
                 self._held[job.id] = (job, recipe)
+            elif recipe is not None:
+                self._sharing[job.id] = (recipe, job.attempt, run_dir)
         if holder is not None:
             log.info("job %s waits for job %s, which trains the same stage I", job.id, holder)
-            run_dir = Path(job.payload["run_dir"])
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(run_dir / PROGRESS_FILE, {"stage": "I", "waiting": f"for job {holder}, which trains the "
                                                                            "same stage I"})
@@ -267,20 +269,20 @@ class JobRunner:
             ref = task.remote(job.kind, job.payload, job.attempt)
         except Exception as err:  # noqa: BLE001 - any failure to reach Ray is the job's failure, not the request's
             log.exception("could not submit job %s", job.id)
+            with self._lock:
+                self._sharing.pop(job.id, None)
             self.store.finish(job.id, "failed", error=f"could not submit to Ray: {type(err).__name__}: {err}")
             return
         with self._lock:
-            self._refs[ref] = (job.id, job.attempt, Path(job.payload["run_dir"]))
-            if recipe is not None:
-                self._recipes[job.id] = recipe
+            self._refs[ref] = (job.id, job.attempt, run_dir)
 
     def _training_stage1(self, recipe: str | None) -> str | None:
-        """The submitted job that is to train this recipe's stage I (running it or queued for the cluster), if
+        """The job sent to Ray that is to train this recipe's stage I (running it or queued for the cluster), if
         any; called under the lock."""
         if recipe is None or recipe in self._published:
             return None
-        for job_id, attempt, run_dir in self._refs.values():
-            if self._recipes.get(job_id) == recipe:
+        for job_id, (other, attempt, run_dir) in self._sharing.items():
+            if other == recipe:
                 if _past_stage1(read_progress(run_dir), attempt):
                     self._published.add(recipe)
                     return None
@@ -359,7 +361,7 @@ class JobRunner:
             self._settle(ref, job_id, run_dir)
             with self._lock:
                 self._refs.pop(ref, None)
-                recipe = self._recipes.pop(job_id, None)
+                recipe, _, _ = self._sharing.pop(job_id, (None, 0, None))
                 if recipe is not None and self.store.get(job_id).state == "succeeded":
                     self._published.add(recipe)  # a job that ended after stage I (CE) published it
             self._started.discard(ref)
