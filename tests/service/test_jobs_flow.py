@@ -196,6 +196,22 @@ def test_a_job_held_for_a_shared_stage1_leaves_its_slot_to_other_jobs(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_held_job_whose_holder_is_cancelled_trains_the_stage1_itself(flow, poll_job):
+    """The job a held job waits for is cancelled before publishing its stage I: the held job is not left waiting
+    forever; the service sends it, and it trains the stage I itself."""
+    client, _, runs_root = flow
+    recipe = {**ce_config(epochs=30), "seed": 14}
+    holder = submit(client, {"kind": "train", "config": recipe})
+    held = submit(client, {"kind": "train", "config": {**recipe, "method": "lws"}})
+    assert holder in client.get(f"/v1/jobs/{held}").json()["progress"]["waiting"]
+    poll_job(client, holder, until=lambda job: job["state"] == "running", timeout=240)
+    assert client.post(f"/v1/jobs/{holder}:cancel").json()["state"] == "cancelled"
+    done = poll_job(client, held)
+    assert done["state"] == "succeeded" and done["metrics"]["stage1_reused"] is False, done
+    assert not (runs_root / holder / "metrics.json").exists()
+
+
+@pytest.mark.slow
 def test_cancel_stops_a_running_job(flow, poll_job):
     client, _, _ = flow
     job_id = submit(client, {"kind": "train", "config": ce_config(epochs=200)})
