@@ -98,7 +98,7 @@ default_benches+=";--cuda-graph --compile default --precision bf16 --rounds 1 --
 default_benches+=";--cuda-graph --precision bf16 --no-cudnn-benchmark --rounds 1"
 default_benches+=";--cuda-graph --precision bf16 --no-channels-last --rounds 1"
 IFS=';' read -ra benches <<< "${BENCHES-$default_benches}"
-benches=("${benches[@]:-}"); [ -z "${benches[0]}" ] && benches=()
+[ -z "${benches[0]:-}" ] && benches=()  # BENCHES= : none
 for i in "${!benches[@]}"; do
   TQDM_DISABLE=1 timeout "${BENCH_TIMEOUT:-240}" $PY bench/train_throughput.py --out "$WORK/bench" ${benches[$i]} \
     > "$WORK/logs/bench$i.log" 2>&1

@@ -12,7 +12,6 @@ that job has published it: waiting inside a Ray task would hold a GPU doing noth
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -185,18 +184,14 @@ def _task_options(kind: str, distributed_workers: int = 1, jobs_per_device: int 
 
 
 def stage1_recipe_key(job: JobRecord) -> str | None:
-    """A digest of the stage-I recipe a job shares through the service's stage-I cache (`RunConfig.stage1_recipe`),
-    or None when it shares none: labels and distill jobs, expert methods, Ray Train jobs (their ranks report no
-    progress here), sharing off."""
+    """The stage I a job shares through the service's stage-I cache (`RunConfig.stage1_share_key`), or None: labels
+    and distill jobs, expert methods, Ray Train jobs (their ranks report no progress here), sharing off."""
     config = job.payload.get("config") or {}
-    if job.kind != "train" or not config.get("stage1_cache") or config.get("distributed", {}).get("num_workers", 1) > 1:
+    if job.kind != "train" or config.get("distributed", {}).get("num_workers", 1) > 1:
         return None
     from trainer.config import RunConfig
 
-    cfg = RunConfig.model_validate(config)
-    if cfg.pipeline == "experts":
-        return None
-    return hashlib.sha256(json.dumps(cfg.stage1_recipe(), sort_keys=True).encode()).hexdigest()
+    return RunConfig.model_validate(config).stage1_share_key()
 
 
 def _past_stage1(progress: dict | None, attempt: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -301,6 +302,13 @@ class RunConfig(Frozen):
         return {"data": self.data.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
                 "augment": self.augment.model_dump(mode="json"), "seed": self.seed, "moco": moco,
                 "stage1": self.stage1.model_dump(mode="json", exclude=None if moco else {"moco"})}
+
+    def stage1_share_key(self) -> str | None:
+        """What runs that share a stage I through `stage1_cache` have in common (that cache and the recipe), or None
+        for a run that shares none: no cache, or an expert method (those train no shared stage I)."""
+        if self.stage1_cache is None or self.pipeline == "experts":
+            return None
+        return json.dumps([str(self.stage1_cache), self.stage1_recipe()], sort_keys=True)
 
     @property
     def pipeline(self) -> Literal["joint", "decoupled", "ssd", "experts"]:

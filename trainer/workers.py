@@ -106,12 +106,10 @@ def first_with_same_stage1(cfgs: list[RunConfig]) -> list[int | None]:
     first: dict[str, int] = {}
     out: list[int | None] = []
     for i, cfg in enumerate(cfgs):
-        if cfg.stage1_cache is None or cfg.pipeline == "experts":
-            out.append(None)
-            continue
-        key = json.dumps([str(cfg.stage1_cache), cfg.stage1_recipe()], sort_keys=True)
+        key = cfg.stage1_share_key()
         out.append(first.get(key))
-        first.setdefault(key, i)
+        if key is not None:
+            first.setdefault(key, i)
     return out
 
 
