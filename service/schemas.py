@@ -82,6 +82,10 @@ class LabelsetDetail(LabelsetPublic):
     code_version: str
     layout_version: int
     config: dict[str, Any] = Field(description="The resolved run config that generated the labels")
+    content: dict[str, Any] | None = Field(None, description=(
+        "What the soft labels carry, by many/medium/few group and teacher right/wrong: mean max-probability, "
+        "entropy (nats; uniform = uniform_entropy), mass off the argmax and off the hard label, and how often the "
+        "argmax differs from the hard label. None for labelsets published before it was recorded"))
 
 
 class LabelsetsPublic(BaseModel):

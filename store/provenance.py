@@ -68,6 +68,9 @@ class Provenance(LabelsetSpec):
     checksums: dict[str, list[str]] = Field(
         default_factory=dict, description="array name -> sha256 of each chunk's decoded numbers, by chunk index"
     )
+    content: dict[str, Any] | None = Field(
+        default=None, description="what the soft labels carry (store/content.py), by shot group and teacher "
+        "right/wrong: mean max-probability, entropy, mass off the argmax and off the hard label; set at publish")
 
     @model_validator(mode="after")
     def _check_id(self) -> Provenance:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store import tempering
+from store import content, tempering
 from store.errors import IncompleteLabelsetError, LabelsetExistsError, LabelsetNotFoundError
 from store.integrity import chunk_checksum, iter_chunk_problems, raise_problems
 from store.layout import (
@@ -176,8 +176,9 @@ class LabelsetWriter:
         problems = [err for _, _, err in iter_chunk_problems(self._arrays, checksums, self.provenance.chunk_rows)
                     if err is not None]
         raise_problems(problems, f"publishing {self.labelset_id!r}")
-        final = self.provenance.model_copy(
-            update={"status": "complete", "checksums": checksums, "published": datetime.now(timezone.utc)})
+        final = self.provenance.model_copy(update={"status": "complete", "checksums": checksums,
+                                                   "published": datetime.now(timezone.utc),
+                                                   "content": self._content()})
         self._group.attrs.put(final.model_dump(mode="json"))
         target = published_path(self.root, self.labelset_id)
         # os.rename would silently replace an *empty* target folder, so refuse any existing target first
@@ -190,6 +191,16 @@ class LabelsetWriter:
         shutil.rmtree(self._staging, ignore_errors=True)
         self.provenance = final
         return final
+
+    def _content(self) -> dict:
+        """The labelset's content summary (store/content.py), read back chunk by chunk from the written arrays."""
+        p = self.provenance
+        sums = 0
+        for chunk in range(self.num_chunks):
+            start, stop = self.chunk_bounds(chunk)
+            probs = self._arrays["soft_labels"][start:stop]
+            sums = sums + content.class_sums(probs, self._arrays["hard_labels"][start:stop], p.num_classes)
+        return content.summarize(sums, p.views_per_image, p.class_names)
 
     def discard(self) -> None:
         """Remove the staged labelset (a cancelled generation); moved to the trash first, then deleted."""

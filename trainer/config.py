@@ -150,8 +150,10 @@ class Stage3Config(Frozen):
     temperature: float = Field(2.0, gt=0, description="KD temperature T of the stored soft labels")
     hard_weight: float = Field(1.0, ge=0, description="α: weight of CE on the hard head")
     soft_weight: float = Field(1.0, ge=0, description="λ: weight of the T²-scaled KD loss on the soft head")
-    soft_labels: Literal["clean", "views", "online"] = Field(
-        "clean", description="Teacher on the clean image (stored), on K stored views replayed, or on the live batch"
+    soft_labels: Literal["clean", "views", "online", "official"] = Field(
+        "clean", description="Teacher on the clean image (stored), on K stored views replayed, or on the live batch "
+        "in eval mode ('online'); 'official' is online with the teacher's BatchNorm in train mode on a copy, as the "
+        "reference code's stage III runs it"
     )
     views_per_image: int = Field(8, ge=1, description="K augmented views stored per image in 'views' mode")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-MANY_SHOT = 100  # classes with more than this many training images are "many"
-FEW_SHOT = 20  # classes with fewer than this many are "few"; the rest (20..100 inclusive) are "medium"
+from store.content import FEW_SHOT, MANY_SHOT, shot_groups  # one definition, shared with the labelset summaries
+
+__all__ = ["FEW_SHOT", "MANY_SHOT", "carve_validation", "lt_class_sizes", "lt_indices", "shot_groups"]
 
 
 def lt_class_sizes(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -63,13 +64,3 @@ def carve_validation(labels: np.ndarray, keep: np.ndarray, per_class: int, seed:
     if lent:
         keep = np.delete(keep, np.concatenate(lent))
     return keep, np.sort(np.concatenate(picked))
-
-
-def shot_groups(class_counts: np.ndarray) -> dict[str, np.ndarray]:
-    """Class indices of the many (>100), medium (20..100) and few (<20) groups, by training counts."""
-    counts = np.asarray(class_counts)
-    return {
-        "many": np.where(counts > MANY_SHOT)[0],
-        "medium": np.where((counts >= FEW_SHOT) & (counts <= MANY_SHOT))[0],
-        "few": np.where(counts < FEW_SHOT)[0],
-    }

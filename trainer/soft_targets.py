@@ -6,6 +6,7 @@ imports `trainer` and Stage III runs unchanged on either source.
 
 from __future__ import annotations
 
+import copy
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -50,6 +51,11 @@ class InMemorySoftLabels:
     def __len__(self) -> int:
         return len(self._probs)
 
+    @property
+    def probs(self) -> np.ndarray:
+        """Every stored row, (N, C) float32 (views: (N, K, C)), for summaries such as `store.content`."""
+        return self._probs
+
     def soft_labels(self, image_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(image_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= len(self._probs)):
@@ -78,6 +84,10 @@ class InMemoryViewLabels(InMemorySoftLabels):
 
     def view_params(self, image_ids: np.ndarray) -> np.ndarray:
         return self._view_params[np.asarray(image_ids)]
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self._view_probs
 
 
 def read_all_rows(source: SoftLabelSource, num_images: int, block: int = 65536) -> np.ndarray:
@@ -121,10 +131,18 @@ class ViewTargets:
 
 
 class OnlineTargets:
-    """Online mode (the official SSD code): the frozen teacher, in eval mode, labels the very view the student sees."""
+    """Online mode: the frozen teacher labels the very view the student sees (the official SSD code's regime).
 
-    def __init__(self, teacher: torch.nn.Module, temperature: float):
-        self.teacher, self.temperature = teacher.eval(), temperature
+    `batchnorm="eval"` normalises with the teacher's running statistics (the clean choice). `"train"` reproduces
+    the reference code, whose stage III calls `model.train()` on the wrapper holding the teacher: BatchNorm uses
+    each batch's statistics and updates running statistics, here of a private copy so the saved teacher is untouched.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, temperature: float, batchnorm: str = "eval"):
+        if batchnorm not in ("eval", "train"):
+            raise ValueError(f"batchnorm must be 'eval' or 'train', got {batchnorm!r}")
+        self.teacher = copy.deepcopy(teacher).train() if batchnorm == "train" else teacher.eval()
+        self.temperature, self.mode = temperature, "official" if batchnorm == "train" else "online"
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:

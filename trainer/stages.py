@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.content import label_content
 from trainer.augment import crop_flip_to_boxes
 from trainer.batches import eval_resize, make_batches
 from trainer.classifiers import LWSClassifier, NCMClassifier, TauNormClassifier, ncm_centroids, search_tau
@@ -267,8 +268,8 @@ def teacher_logits(ctx: RunContext, teacher: nn.Module) -> torch.Tensor:
 def in_memory_source(ctx: RunContext, teacher: Classifier):
     """Soft labels straight from the teacher, without a store: clean rows, K replayable views, or the live teacher."""
     cfg, aug = ctx.cfg.stage3, ctx.cfg.augment
-    if cfg.soft_labels == "online":
-        return OnlineTargets(teacher.eval(), cfg.temperature)
+    if cfg.soft_labels in ("online", "official"):
+        return OnlineTargets(teacher, cfg.temperature, batchnorm="train" if cfg.soft_labels == "official" else "eval")
     if cfg.soft_labels == "clean":
         return InMemorySoftLabels(teacher_logits(ctx, teacher), cfg.temperature)
     if not ctx.data.in_memory:
@@ -414,7 +415,8 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
     if cfg.pipeline == "ssd":
         report["soft_labels"] = {"mode": getattr(source, "mode", "online"), "source": type(source).__name__,
                                  "temperature": source.temperature,
-                                 "labelset_id": getattr(source, "labelset_id", None)}
+                                 "labelset_id": getattr(source, "labelset_id", None),
+                                 "content": _label_content(source, ctx.data)}
         student = distill(ctx, source)
         score("III", lambda x: student(x)[1], module=student)
         score("III_hard_head", lambda x: student(x)[0], module=student)
@@ -432,6 +434,17 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
                             ctx.out_dir / "per_class_accuracy.png", title=f"{cfg.method} on {ctx.data.name}-LT")
     plot_label_distributions(ctx.data.class_counts, distilled, ctx.out_dir / "label_distributions.png")
     return report
+
+
+def _label_content(source, data: LongTailData) -> dict | None:
+    """What the distilled soft labels carry (store/content.py): from the labelset's provenance, or computed from
+    in-memory rows; None for online teachers, whose targets change with every view."""
+    provenance = getattr(source, "provenance", None)
+    if provenance is not None:
+        return provenance.content
+    if isinstance(source, InMemorySoftLabels):
+        return label_content(source.probs, data.train.labels.numpy(), data.class_names)
+    return None
 
 
 def _headline(result: dict) -> dict:

@@ -70,3 +70,28 @@ def test_reproduce_trains_a_shared_stage1_once_on_ray(ray_local, tmp_path):
     assert lws["ray_task"]["started"] >= ce["ray_task"]["ended"] and lws["stages"]["I"] == ce["stages"]["I"]
     rows = json.loads(next(results.glob("accuracy_embedded-*.json")).read_text())["rows"]
     assert [r["method"] for r in rows] == ["ce", "lws"]
+
+
+def test_labels_show_says_what_the_soft_labels_carry(tmp_path):
+    """A labelset whose teacher is right on class 0 and always wrong on class 1: show tells them apart."""
+    import numpy as np
+
+    from store import LabelsetSpec, LabelsetWriter
+
+    labels = np.repeat([0, 1], [150, 30])
+    logits = np.zeros((180, 2), dtype=np.float32)
+    logits[:, 0] = 4.0  # every image is called class 0
+    spec = LabelsetSpec(teacher_checkpoint_hash="sha256:t", dataset_name="synthetic_lt", dataset_fingerprint="fp",
+                        num_images=180, num_classes=2, class_names=["head", "tail"], temperature=1.0)
+    writer = LabelsetWriter.create(tmp_path, "show-me", spec)
+    for chunk in range(writer.num_chunks):
+        a, b = writer.chunk_bounds(chunk)
+        writer.write_chunk(chunk, logits[a:b], labels[a:b])
+    writer.publish()
+    result = runner.invoke(app, ["labels", "show", "show-me", "--store", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    content = json.loads(result.output)["content"]
+    many, medium = content["groups"]["many"], content["groups"]["medium"]
+    assert many["teacher_right"]["rows"] == 150 and many["all"]["argmax_differs"] == 0.0
+    assert medium["teacher_wrong"]["rows"] == 30 and medium["all"]["argmax_differs"] == 1.0
+    assert content["classes"][1]["class"] == "tail" and content["classes"][1]["off_label_mass"] > 0.98

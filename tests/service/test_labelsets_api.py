@@ -21,6 +21,9 @@ def test_list_and_describe(api):
     assert (detail["num_images"], detail["num_classes"], detail["temperature"]) == (100, 5, 2.0)
     assert detail["class_names"] == ["cat", "dog", "owl", "eel", "yak"] and detail["chunk_rows"] == 32
     assert "checksums" not in detail
+    content = detail["content"]  # what the labels carry, computed when the set was published
+    assert content["overall"]["rows"] == 100 and set(content["groups"]) == {"many", "medium", "few"}
+    assert [c["class"] for c in content["classes"]] == detail["class_names"]
 
 
 @pytest.mark.parametrize("image_id", [0, 31, 32, 99])  # first and last rows of chunks, and the short last chunk

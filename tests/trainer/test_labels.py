@@ -83,3 +83,31 @@ def test_in_process_writer_then_student_and_a_mismatched_dataset(teacher_run, ti
     other = load_config(None, [*TINY, "data.lt_seed=5", f"out_dir={tmp_path / 'o'}"])
     with pytest.raises(ValueError, match="made for dataset"):
         run_pipeline(other, source=reader)
+
+
+def test_official_online_teacher_uses_batch_statistics_on_a_private_copy():
+    """The reference code's regime: BatchNorm of the teacher in train mode, without touching the saved teacher."""
+    from types import SimpleNamespace
+
+    from trainer.soft_targets import OnlineTargets
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                  torch.nn.LazyLinear(5))
+    teacher(torch.randn(2, 3, 8, 8))
+    teacher.eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batch = SimpleNamespace(images=torch.randn(16, 3, 8, 8) * 3 + 1)
+    official, online = OnlineTargets(teacher, 2.0, batchnorm="train"), OnlineTargets(teacher, 2.0)
+    got = official(batch)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-6)
+    assert not torch.allclose(got, online(batch), atol=1e-3)  # running statistics and batch statistics differ
+    logits = teacher[3](torch.nn.functional.batch_norm(teacher[0](batch.images), None, None, teacher[1].weight,
+                                                       teacher[1].bias, training=True).flatten(1))
+    torch.testing.assert_close(got, torch.softmax(logits.detach() / 2.0, 1), atol=1e-5, rtol=1e-5)
+    assert (official.mode, online.mode) == ("official", "online")
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the saved teacher's running stats never drift
+    assert not teacher.training
+    with pytest.raises(ValueError, match="batchnorm"):
+        OnlineTargets(teacher, 2.0, batchnorm="frozen")

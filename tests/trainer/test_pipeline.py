@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from trainer.config import load_config
 from trainer.stages import run_pipeline
@@ -29,13 +30,32 @@ def test_every_method_runs_and_reports(method, tiny_lt, tmp_path):
     assert set(report["stages"]) == stages[cfg.pipeline]
 
 
-@pytest.mark.parametrize("mode", ["views", "online"])
+@pytest.mark.parametrize("mode", ["views", "online", "official"])
 def test_ssd_soft_label_modes(mode, tiny_lt, tmp_path):
     cfg = load_config(None, [*TINY, f"stage3.soft_labels={mode}", "stage3.views_per_image=3", f"out_dir={tmp_path}"])
     report = run_pipeline(cfg, data=tiny_lt)
     assert report["soft_labels"]["mode"] == mode
-    assert report["soft_labels"]["source"] == {"views": "InMemoryViewLabels", "online": "OnlineTargets"}[mode]
+    assert report["soft_labels"]["source"] == {"views": "InMemoryViewLabels"}.get(mode, "OnlineTargets")
     assert "IV" in report["stages"]
+    content = report["soft_labels"]["content"]  # views are stored rows to summarise; a live teacher has none
+    assert (content is None) == (mode != "views")
+    if content:
+        assert content["overall"]["rows"] == 3 * len(tiny_lt.train)
+
+
+def test_clean_run_reports_what_its_soft_labels_carry(tiny_lt, tmp_path):
+    from store.content import label_content
+    from trainer.export import load_model
+    from trainer.stages import prepare, teacher_logits
+
+    cfg = load_config(None, [*TINY, f"out_dir={tmp_path}"])
+    report = run_pipeline(cfg, data=tiny_lt)
+    teacher, _ = load_model(tmp_path / "teacher.pt")
+    probs = torch.softmax(teacher_logits(prepare(cfg, tiny_lt), teacher) / cfg.stage3.temperature, dim=1)
+    expected = label_content(probs.numpy(), tiny_lt.train.labels.numpy(), tiny_lt.class_names)
+    assert report["soft_labels"]["content"]["overall"] == pytest.approx(expected["overall"], abs=2e-4)
+    assert json.loads((tmp_path / "metrics.json").read_text())["soft_labels"]["content"]["groups"].keys() == {
+        "many", "medium", "few"}
 
 
 def test_saved_models_rebuild_and_predict_the_same(tiny_lt, tmp_path):
