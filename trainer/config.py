@@ -45,6 +45,10 @@ class DataConfig(Frozen):
         "(a head class with too few lends its last LT images)"
     )
     test_per_class: int | None = Field(None, ge=1, description="Cap test images per class (None: full test set)")
+    jpeg_quality: int | None = Field(
+        None, ge=1, le=100, description="Round-trip every in-memory image (train, val and test) through JPEG at this "
+        "quality, as our CIFAR-10 copy was (~75): measures what a lossy copy costs (None: pixels as read)"
+    )
     train_list: Path | None = Field(None, description="List file 'relative/path.jpg label' (name='list')")
     test_list: Path | None = Field(None, description="Test list file (name='list')")
     image_size: int = Field(224, description="Crop size for list-file datasets")

@@ -190,6 +190,21 @@ def read_list_file(path: Path) -> tuple[tuple[str, ...], np.ndarray]:
     return tuple(paths), np.asarray(labels, dtype=np.int64)
 
 
+def jpeg_round_trip(images: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 (N, C, H, W) images encoded as JPEG at `quality` (PIL defaults: 4:2:0 chroma for RGB) and decoded."""
+    from PIL import Image
+
+    mode = {1: "L", 3: "RGB"}[images.shape[1]]
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image[0] if mode == "L" else image.transpose(1, 2, 0), mode).save(buffer, "JPEG",
+                                                                                         quality=quality)
+        decoded = np.asarray(Image.open(buffer).convert(mode))
+        out[i] = decoded[None] if mode == "L" else decoded.transpose(2, 0, 1)
+    return out
+
+
 def fingerprint(images: np.ndarray | None, labels: np.ndarray, paths: tuple[str, ...] | None = None) -> str:
     """sha256 over the training list's content in image-id order: the key the label store checks."""
     h = hashlib.sha256()
@@ -236,6 +251,8 @@ def load_dataset(cfg: DataConfig) -> LongTailData:
     if name == "list":
         return _load_list_dataset(cfg)
     x_train, y_train, x_test, y_test, names = read_raw(cfg, name)
+    if cfg.jpeg_quality is not None:
+        x_train, x_test = jpeg_round_trip(x_train, cfg.jpeg_quality), jpeg_round_trip(x_test, cfg.jpeg_quality)
     keep = lt_indices(y_train, cfg.imbalance_factor, seed=cfg.lt_seed, n_max=cfg.max_per_class)
     val = None
     if cfg.val_per_class:

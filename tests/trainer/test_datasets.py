@@ -158,3 +158,28 @@ def test_real_cifar10_lt_validation_split(caplog):
     assert "classes [0] had too few images outside the LT split" in caplog.text
     train_keys = {row.tobytes() for row in data.train.images.numpy()}
     assert not any(row.tobytes() in train_keys for row in data.val.images.numpy())
+
+
+@pytest.mark.parametrize("name", ["synthetic", "embedded"])
+def test_jpeg_round_trip_keeps_the_split_and_degrades_the_pixels_as_a_lossy_copy(name):
+    """data.jpeg_quality: the same images and ids, each decoded from JPEG as PIL writes it, a new fingerprint."""
+    from trainer.datasets import jpeg_round_trip
+
+    cfg = DataConfig(name=name, imbalance_factor=10, max_per_class=50, test_per_class=20)
+    plain, lossy = load_dataset(cfg), load_dataset(cfg.model_copy(update={"jpeg_quality": 75}))
+    assert torch.equal(plain.train.labels, lossy.train.labels)
+    np.testing.assert_array_equal(plain.source_indices, lossy.source_indices)
+    assert lossy.fingerprint != plain.fingerprint
+    for split in ("train", "test"):
+        a, b = getattr(plain, split).images, getattr(lossy, split).images
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+        err = (a.float() - b.float()).abs().mean().item()
+        assert 0.1 < err < 40  # changed (noisy synthetic images lose most), yet recognisably the same images
+    image = plain.train.images[:1].numpy()
+    mode = "L" if image.shape[1] == 1 else "RGB"
+    blob = io.BytesIO()
+    Image.fromarray(image[0, 0] if mode == "L" else image[0].transpose(1, 2, 0), mode).save(blob, "JPEG", quality=75)
+    by_hand = np.asarray(Image.open(blob).convert(mode))
+    np.testing.assert_array_equal(lossy.train.images[0].numpy(), by_hand[None] if mode == "L" else
+                                  by_hand.transpose(2, 0, 1))
+    np.testing.assert_array_equal(jpeg_round_trip(image, 100).shape, image.shape)
