@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import errors
+from service.auth import with_key
 from service.inference import ModelRegistry
 from service.jobs import JobStore
 from service.labels import ReaderCache
@@ -52,7 +53,8 @@ DESCRIPTION = """Soft labels of long-tailed training sets, distillation jobs (SS
 Typical flow: `POST /v1/jobs` a **train** job (an SSD run also saves its teacher), then a **labels** job with
 `teacher = "<train job id>/teacher"`, then a **distill** job on the new labelset; poll `GET /v1/jobs/{id}`;
 read labels at `GET /v1/labelsets/{id}/labels/{image_id}`; classify images at `POST /v1/models/{id}:predict`.
-Mutating endpoints need the `X-API-Key` header when the service has a key. Errors are JSON `{"detail", "type"}`.
+Mutating endpoints always need the `X-API-Key` header: `LTD_API_KEY`, or the token the service generated at
+its first start (`~/.config/ltd/token`, printed by `ltd serve`). Errors are JSON `{"detail", "type"}`.
 """
 TAGS = [
     {"name": "labelsets", "description": "Stored soft labels: one row per training image, per teacher and T"},
@@ -74,7 +76,11 @@ def error_response(status: int, detail, type_: str, headers: dict | None = None)
 
 def _typed_handler(status: int):
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        headers = {"WWW-Authenticate": "APIKey"} if status == 401 else None
+        headers = None
+        if status == 401:
+            headers = {"WWW-Authenticate": 'APIKey header="X-API-Key"'}
+            request.state.metrics.auth_failures.labels(request.method, request.url.path.split("/")[2]
+                                                       if request.url.path.count("/") > 1 else "").inc()
         if status >= 500:
             log.error("%s on %s: %s", type(exc).__name__, request.url.path, exc)
         return error_response(status, str(exc), _error_type(exc), headers)
@@ -137,7 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner = JobRunner(jobs_db, settings.ray_address, jobs_per_device=settings.jobs_per_device)
         runner.start()
         state = {
-            "settings": settings, "metrics": metrics, "jobs": jobs_db, "runner": runner,
+            "settings": with_key(settings),  # never open by default: LTD_API_KEY, else the token file
+            "metrics": metrics, "jobs": jobs_db, "runner": runner,
             "readers": ReaderCache(settings.store_root, settings.reader_cache_size, settings.reader_cache_mib),
             "models": ModelRegistry(settings.runs_root, settings.device, settings.model_cache_size,
                                     settings.inference_threads),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -289,24 +290,46 @@ def serve(
                                                                  "(env LTD_RUNS_ROOT)")] = None,
     address: AddressOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Leave mutating endpoints open: throwaway local use, "
+                                                             "loopback binds only")] = False,
 ):
-    """Serve labelsets, jobs and models over HTTP (docs at /docs); the API key is read from LTD_API_KEY only."""
-    import os
+    """Serve labelsets, jobs and models over HTTP (docs at /docs).
 
+    Mutating endpoints always need X-API-Key: LTD_API_KEY, or else a token generated at the first start and kept in
+    ~/.config/ltd/token (LTD_TOKEN_FILE), mode 0600, reused on restart."""
     import uvicorn
 
+    from service.auth import is_loopback, with_key
     from service.settings import Settings
 
     _setup_logging()
     # the app factory reads LTD_* settings from the environment: options given here win over it
-    for var, value in (("LTD_STORE_ROOT", store), ("LTD_RUNS_ROOT", runs), ("LTD_RAY_ADDRESS", address)):
+    for var, value in (("LTD_STORE_ROOT", store), ("LTD_RUNS_ROOT", runs), ("LTD_RAY_ADDRESS", address),
+                       ("LTD_NO_AUTH", "true" if no_auth else None)):
         if value is not None:
             os.environ[var] = str(value)
     settings = Settings()
+    if settings.no_auth and not is_loopback(host):
+        typer.secho(f"refusing to serve {host} without a key: --no-auth (LTD_NO_AUTH) is for loopback binds only; "
+                    "drop it (a token is generated) or set LTD_API_KEY", fg="red", err=True)
+        raise typer.Exit(2)
+    settings = with_key(settings)  # makes the token file now, so the lines below can point at it
     typer.echo(f"serving {settings.store_root}/ and {settings.runs_root}/ at http://{host}:{port} (docs: /docs); try:")
     for line in example_requests(f"http://{host}:{port}", settings):
         typer.echo("  " + line)
+    typer.echo(_key_hint(settings))
     uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_level=log_level)
+
+
+def _key_hint(settings) -> str:
+    if settings.no_auth:
+        return "WARNING: --no-auth: jobs, deletes and uploads are open to anyone who can reach this port"
+    return f"mutating requests (jobs, deletes, uploads) need -H \"X-API-Key: {_key_ref(settings)}\""
+
+
+def _key_ref(settings) -> str:
+    """How a shell line refers to the key without printing it: the variable, or the token file."""
+    return "$LTD_API_KEY" if os.environ.get("LTD_API_KEY") else f"$(cat {settings.token_file})"
 
 
 def example_requests(base_url: str, settings, labelset_id: str | None = None, model_id: str | None = None,
@@ -321,7 +344,7 @@ def example_requests(base_url: str, settings, labelset_id: str | None = None, mo
         models = ModelRegistry(settings.runs_root).list()
         model_id = next((m.model_id for m in sorted(models, key=lambda m: m.spec.role != "student")), None)
     # the key is referred to by its variable, never printed
-    key = " -H \"X-API-Key: $LTD_API_KEY\"" if settings.read_key_required and settings.api_key else ""
+    key = f" -H \"X-API-Key: {_key_ref(settings)}\"" if settings.read_key_required and settings.api_key else ""
     lines = [f"curl -s{key} {base_url}/v1/labelsets", f"curl -s{key} {base_url}/v1/models"]
     if labelset_id:
         lines += [f"curl -s{key} '{base_url}/v1/labelsets/{labelset_id}/labels/0?top_k=3'",
@@ -342,8 +365,6 @@ def demo(
 ):
     """The main job on the embedded dataset: CE, LWS and SSD side by side (a few minutes on 2 CPU cores), then the
     SSD teacher's soft labels published to a store and served with the student on 127.0.0.1."""
-    import os
-
     from store import LabelsetReader, StoreError
     from trainer.datasets import load_dataset
     from trainer.report import format_table
@@ -376,8 +397,12 @@ def demo(
 
     base = f"http://127.0.0.1:{port}"
     typer.echo(f"\nserving at {base} (docs: {base}/docs); Ctrl-C stops. Try:")
-    for line in example_requests(base, Settings(), labelset_id=labelset_id, model_id="ssd", image=image):
+    from service.auth import with_key
+
+    settings = with_key(Settings())
+    for line in example_requests(base, settings, labelset_id=labelset_id, model_id="ssd", image=image):
         typer.echo("  " + line)
+    typer.echo(_key_hint(settings))
     import uvicorn
 
     uvicorn.run("service.app:create_app", factory=True, host="127.0.0.1", port=port, log_level="warning")

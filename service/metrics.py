@@ -29,6 +29,9 @@ class ServiceMetrics:
         self.inference_latency = Histogram("ltd_inference_duration_seconds", "Decode + batched forward per request",
                                            ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_images = Counter("ltd_inference_images", "Images classified, by model", ["model"], registry=r)
+        self.auth_failures = Counter("ltd_auth_failures", "Requests refused for a missing or wrong X-API-Key, by "
+                                     "method and API section (labelsets, jobs, models)", ["method", "section"],
+                                     registry=r)
         self.jobs_submitted = Counter("ltd_jobs_submitted", "Jobs submitted (retries included), by kind", ["kind"],
                                       registry=r)
         self.jobs = Gauge("ltd_jobs", "Job records by state (read from the job database at scrape time)", ["state"],

@@ -27,7 +27,13 @@ class Settings(BaseSettings):
     jobs_per_device: int = Field(
         1, ge=1, le=64, description="Train and distill jobs that run side by side on one GPU (each gets that share of "
                                     "it and of its CPUs); on a cluster without GPUs, jobs that share its CPUs")
-    api_key: SecretStr | None = Field(None, description="Key for mutating endpoints, sent as X-API-Key (None: open)")
+    api_key: SecretStr | None = Field(
+        None, description="Key for mutating endpoints, sent as X-API-Key (None: the token in token_file, generated "
+                          "at first start)")
+    token_file: Path = Field(Path.home() / ".config" / "ltd" / "token",
+                             description="Where the generated key is kept (mode 0600) when api_key is not set")
+    no_auth: bool = Field(False, description="Leave mutating endpoints open (throwaway local use; `ltd serve` "
+                                             "allows it on a loopback bind only, and warns at every start)")
     read_key_required: bool = Field(False, description="Also require the key on read endpoints")
     ray_address: str | None = Field(None, description="Ray cluster address (None: RAY_ADDRESS, else a local Ray)")
     max_batch_ids: int = Field(10_000, ge=1, description="Most image ids one labels:batch request may ask for")
