@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
+import store
 from service import errors
 from service.auth import with_key
 from service.inference import ModelRegistry
@@ -136,6 +137,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         settings.store_root.mkdir(parents=True, exist_ok=True)
         settings.runs_root.mkdir(parents=True, exist_ok=True)
+        purged = store.purge(settings.store_root)
+        if purged:
+            log.info("purged %d labelset(s) past their trash retention: %s", len(purged),
+                     [e.trash_id for e in purged])
         jobs_db = JobStore(settings.jobs_db)
         lost = jobs_db.fail_interrupted()
         if lost:

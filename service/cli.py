@@ -173,7 +173,7 @@ def reproduce(
     typer.echo(f"\nwrote {path} and the run folders under {out_root / table}/")
 
 
-labels_app = typer.Typer(help="Soft-label sets in the Zarr store: generate, list, show, delete.",
+labels_app = typer.Typer(help="Soft-label sets in the Zarr store: generate, list, show, delete, restore, purge.",
                          no_args_is_help=True)
 app.add_typer(labels_app, name="labels")
 StoreOpt = Annotated[Path, typer.Option("--store", envvar="LTD_STORE_ROOT", help="Label store root folder")]
@@ -212,17 +212,19 @@ def labels_generate(
 
 
 @labels_app.command("list")
-def labels_list(store: StoreOpt = Path("store")):
-    """Published labelsets in the store."""
-    from store import list_labelsets
+def labels_list(store: StoreOpt = Path("store"),
+                deleted: Annotated[bool, typer.Option("--deleted", help="List the trash instead")] = False):
+    """Published labelsets in the store (with --deleted: those in its trash, still restorable)."""
+    from store import list_labelsets, list_trash
 
-    for item in list_labelsets(store):
+    for item in list_trash(store) if deleted else list_labelsets(store):
         typer.echo(json.dumps(item.model_dump(mode="json")))
 
 
 @labels_app.command("show")
 def labels_show(labelset_id: str, store: StoreOpt = Path("store")):
-    """A labelset's provenance (teacher hash, dataset fingerprint, temperature, mode, counts)."""
+    """A labelset's provenance (teacher hash, dataset fingerprint, temperature, mode, counts) and what its soft labels
+    carry (`content`: per shot group and teacher right/wrong, max-probability, entropy, mass off the hard label)."""
     from store import StoreError, describe
 
     try:
@@ -234,16 +236,42 @@ def labels_show(labelset_id: str, store: StoreOpt = Path("store")):
 
 
 @labels_app.command("delete")
-def labels_delete(labelset_id: str, store: StoreOpt = Path("store")):
-    """Delete a published labelset (readers never see it half-deleted)."""
+def labels_delete(labelset_id: str, store: StoreOpt = Path("store"),
+                  days: Annotated[float, typer.Option(help="Days it stays restorable (env LTD_TRASH_DAYS)",
+                                                      envvar="LTD_TRASH_DAYS")] = 7.0):
+    """Move a published labelset into the store's trash: readers stop seeing it at once, `restore` brings it back."""
     from store import StoreError, delete
 
     try:
-        delete(store, labelset_id)
+        entry = delete(store, labelset_id, retention_days=days)
     except (StoreError, FileNotFoundError) as err:
         typer.secho(str(err), fg="red", err=True)
         raise typer.Exit(1) from err
-    typer.echo(f"deleted {labelset_id}")
+    typer.echo(f"moved {labelset_id} to the trash until {entry.purge_after:%Y-%m-%d %H:%M} UTC; "
+               f"undo: ltd labels restore {labelset_id} --store {store}")
+
+
+@labels_app.command("restore")
+def labels_restore(labelset_id: str, store: StoreOpt = Path("store")):
+    """Bring back the most recently deleted copy of a labelset from the trash."""
+    from store import StoreError, restore
+
+    try:
+        restore(store, labelset_id)
+    except (StoreError, FileNotFoundError) as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"restored {labelset_id}")
+
+
+@labels_app.command("purge")
+def labels_purge(store: StoreOpt = Path("store"),
+                 everything: Annotated[bool, typer.Option("--all", help="Erase the whole trash, due or not")] = False):
+    """Erase trashed labelsets past their retention (or all with --all): this cannot be undone."""
+    from store import purge
+
+    gone = purge(store, everything=everything)
+    typer.echo(f"erased {len(gone)} trashed labelset(s)" + "".join(f"\n  {e.trash_id}" for e in gone))
 
 
 @app.command()

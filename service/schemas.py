@@ -93,6 +93,27 @@ class LabelsetsPublic(BaseModel):
     count: int
 
 
+class TrashedLabelset(BaseModel):
+    """A deleted labelset waiting in the store's trash: restorable until `purge_after`."""
+
+    labelset_id: str
+    trash_id: str = Field(description="Its folder in the trash (each deletion of an id is kept apart)")
+    deleted: datetime
+    purge_after: datetime = Field(description="After this time the service erases it (LTD_TRASH_DAYS)")
+    size_bytes: int
+    restore: str = Field(description="The request that brings it back")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "labelset_id": "fmnist-ssd-t2", "trash_id": "fmnist-ssd-t2--20261207T120000000000Z-1a2b3c",
+        "deleted": "2026-12-07T12:00:00Z", "purge_after": "2026-12-14T12:00:00Z", "size_bytes": 310000,
+        "restore": "POST /v1/labelsets/fmnist-ssd-t2:restore"}]})
+
+
+class TrashPublic(BaseModel):
+    data: list[TrashedLabelset]
+    count: int
+
+
 class LabelRow(BaseModel):
     """One image's soft label: dense probabilities, or with top_k the k largest (renormalised) and their classes."""
 

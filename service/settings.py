@@ -34,6 +34,8 @@ class Settings(BaseSettings):
                              description="Where the generated key is kept (mode 0600) when api_key is not set")
     no_auth: bool = Field(False, description="Leave mutating endpoints open (throwaway local use; `ltd serve` "
                                              "allows it on a loopback bind only, and warns at every start)")
+    trash_days: float = Field(7.0, ge=0, description="Days a deleted labelset stays restorable in the store's trash "
+                                                   "before the service purges it")
     read_key_required: bool = Field(False, description="Also require the key on read endpoints")
     ray_address: str | None = Field(None, description="Ray cluster address (None: RAY_ADDRESS, else a local Ray)")
     max_batch_ids: int = Field(10_000, ge=1, description="Most image ids one labels:batch request may ask for")

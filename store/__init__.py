@@ -1,6 +1,7 @@
 """Versioned soft-label store: teacher outputs per training image as plain Zarr v3 labelsets (no torch needed)."""
 
-from store.catalog import LabelsetSummary, StagingSummary, delete, describe, list_labelsets, list_staging
+from store.catalog import (LabelsetSummary, StagingSummary, TrashEntry, delete, describe, list_labelsets, list_staging,
+                           list_trash, purge, restore)
 from store.errors import (
     CorruptChunkError,
     ImageIdError,
@@ -30,12 +31,16 @@ __all__ = [
     "Provenance",
     "StagingSummary",
     "StoreError",
+    "TrashEntry",
     "VIEW_PARAM_COLUMNS",
     "delete",
     "dense_from_topk",
     "describe",
     "list_labelsets",
     "list_staging",
+    "list_trash",
+    "purge",
+    "restore",
     "softmax",
     "top_k",
     "validate_labelset_id",

@@ -15,7 +15,7 @@ A labelset is one teacher x one dataset x one temperature. It is a plain Zarr v3
     <root>/.staging/<labelset_id>/   generation in progress (invisible to readers and to the catalog)
         labelset/                    the group above, being filled chunk by chunk
         done/<chunk>.json            one marker per finished chunk with its checksums (written atomically)
-    <root>/.trash/                   deleted labelsets on their way out (renamed here, then removed)
+    <root>/.trash/<id>--<time>/      deleted labelsets, arrays untouched, with trashed.json (restorable until purged)
 
 Row i of every array is training image `image_id = i`. Modes: `clean` = one teacher output per image;
 `views` = K augmented views per image with the crop/flip replay parameters of each view (FKD-style storage).
@@ -40,6 +40,7 @@ LAYOUT_VERSION = 1
 LABELSET_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
+TRASH_RECORD = "trashed.json"  # inside a trashed labelset: id, deletion time, purge-after time
 STAGED_GROUP = "labelset"
 DONE_DIR = "done"
 TARGET_CHUNK_BYTES = 512 * 1024

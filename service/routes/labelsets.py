@@ -1,4 +1,4 @@
-"""Labelsets: list, describe, delete, and per-image soft labels (one, or a batch as JSON or npy)."""
+"""Labelsets: list, describe, delete into the trash and restore, and per-image soft labels (one, or a batch)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 
 import store
-from service.deps import ImageId, LabelsetId, MetricsDep, ReadersDep, ReadKey, SettingsDep, WriteKey
-from service.errors import PayloadTooLargeError
+from service.deps import ImageId, JobsDep, LabelsetId, MetricsDep, ReadersDep, ReadKey, SettingsDep, WriteKey
+from service.errors import JobStateError, PayloadTooLargeError
 from service.labels import read_rows
 from service.schemas import (
     TEMPERATURE,
@@ -20,6 +20,8 @@ from service.schemas import (
     LabelsetDetail,
     LabelsetPublic,
     LabelsetsPublic,
+    TrashedLabelset,
+    TrashPublic,
     error_responses,
 )
 
@@ -30,9 +32,13 @@ Temperature = Annotated[float | None, Query(**TEMPERATURE)]
 TopK = Annotated[int | None, Query(ge=1, le=100_000, description="Keep the k largest probabilities, renormalised")]
 
 
-@router.get("", summary="List labelsets")
-def list_labelsets(settings: SettingsDep) -> LabelsetsPublic:
-    """Published labelsets in the store, sorted by id."""
+@router.get("", summary="List labelsets", response_model=LabelsetsPublic | TrashPublic)
+def list_labelsets(settings: SettingsDep, deleted: Annotated[bool, Query(
+        description="List the trash instead: deleted labelsets that can still be restored")] = False):
+    """Published labelsets in the store, sorted by id (with `deleted=true`: the trash, newest deletion first)."""
+    if deleted:
+        trashed = [_trashed(e) for e in store.list_trash(settings.store_root)]
+        return TrashPublic(data=trashed, count=len(trashed))
     items = [LabelsetPublic(**s.model_dump()) for s in store.list_labelsets(settings.store_root)]
     return LabelsetsPublic(data=items, count=len(items))
 
@@ -44,12 +50,33 @@ def describe_labelset(labelset_id: LabelsetId, settings: SettingsDep) -> Labelse
     return LabelsetDetail(**prov.model_dump(exclude={"checksums"}))
 
 
-@router.delete("/{labelset_id}", summary="Delete a labelset", status_code=204, dependencies=[WriteKey])
-def delete_labelset(labelset_id: LabelsetId, settings: SettingsDep, readers: ReadersDep) -> Response:
-    """Remove a published labelset (one atomic rename: readers never see half of it)."""
-    store.delete(settings.store_root, labelset_id)
+@router.delete("/{labelset_id}", summary="Delete a labelset (into the trash)", dependencies=[WriteKey],
+               responses=error_responses(409))
+def delete_labelset(labelset_id: LabelsetId, settings: SettingsDep, readers: ReadersDep,
+                    jobs: JobsDep) -> TrashedLabelset:
+    """Move a published labelset into the store's trash (one atomic rename: readers stop seeing it at once, its
+    arrays stay untouched). It can be restored until `purge_after`; a labelset that a queued or running job reads
+    or writes cannot be deleted (409 naming the job)."""
+    users = [j.id for state in ("queued", "running") for j in jobs.list(state=state, limit=1000)[0]
+             if j.request.get("labelset_id") == labelset_id]
+    if users:
+        raise JobStateError(f"labelset {labelset_id!r} is in use by {len(users)} queued or running job(s): "
+                            f"{', '.join(users)}; cancel them or wait for them to finish")
+    entry = store.delete(settings.store_root, labelset_id, retention_days=settings.trash_days)
     readers.drop(labelset_id)
-    return Response(status_code=204)
+    return _trashed(entry)
+
+
+@router.post("/{labelset_id}:restore", summary="Restore a deleted labelset", dependencies=[WriteKey],
+             responses=error_responses(409))
+def restore_labelset(labelset_id: LabelsetId, settings: SettingsDep) -> LabelsetDetail:
+    """Bring back the most recently deleted copy of a labelset from the trash (409 if the id is published again)."""
+    prov = store.restore(settings.store_root, labelset_id)
+    return LabelsetDetail(**prov.model_dump(exclude={"checksums"}))
+
+
+def _trashed(entry: store.TrashEntry) -> TrashedLabelset:
+    return TrashedLabelset(**entry.model_dump(), restore=f"POST /v1/labelsets/{entry.labelset_id}:restore")
 
 
 @router.get("/{labelset_id}/labels/{image_id}", summary="Soft label of one image")

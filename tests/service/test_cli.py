@@ -72,8 +72,8 @@ def test_reproduce_trains_a_shared_stage1_once_on_ray(ray_local, tmp_path):
     assert [r["method"] for r in rows] == ["ce", "lws"]
 
 
-def test_labels_show_says_what_the_soft_labels_carry(tmp_path):
-    """A labelset whose teacher is right on class 0 and always wrong on class 1: show tells them apart."""
+def test_labels_show_delete_restore_purge(tmp_path):
+    """show tells a teacher right on class 0 from one always wrong on class 1; delete is undone by restore."""
     import numpy as np
 
     from store import LabelsetSpec, LabelsetWriter
@@ -95,3 +95,15 @@ def test_labels_show_says_what_the_soft_labels_carry(tmp_path):
     assert many["teacher_right"]["rows"] == 150 and many["all"]["argmax_differs"] == 0.0
     assert medium["teacher_wrong"]["rows"] == 30 and medium["all"]["argmax_differs"] == 1.0
     assert content["classes"][1]["class"] == "tail" and content["classes"][1]["off_label_mass"] > 0.98
+    deleted = runner.invoke(app, ["labels", "delete", "show-me", "--store", str(tmp_path)])
+    assert deleted.exit_code == 0 and "ltd labels restore show-me" in deleted.output
+    assert runner.invoke(app, ["labels", "show", "show-me", "--store", str(tmp_path)]).exit_code == 1
+    trash = runner.invoke(app, ["labels", "list", "--deleted", "--store", str(tmp_path)]).output
+    assert json.loads(trash)["labelset_id"] == "show-me"
+    assert runner.invoke(app, ["labels", "restore", "show-me", "--store", str(tmp_path)]).exit_code == 0
+    assert json.loads(runner.invoke(app, ["labels", "show", "show-me", "--store", str(tmp_path)]).output)["content"]
+    assert runner.invoke(app, ["labels", "restore", "show-me", "--store", str(tmp_path)]).exit_code == 1
+    runner.invoke(app, ["labels", "delete", "show-me", "--store", str(tmp_path)])
+    purged = runner.invoke(app, ["labels", "purge", "--all", "--store", str(tmp_path)])
+    assert purged.exit_code == 0 and "erased 1" in purged.output
+    assert runner.invoke(app, ["labels", "list", "--deleted", "--store", str(tmp_path)]).output == ""

@@ -96,6 +96,8 @@ def test_train_labels_distill_then_serve_labels_and_predictions(flow, poll_job):
     assert [r["hard_label"] for r in rows] == data.train.labels[ids].tolist()
 
     distill_id = submit(client, {"kind": "distill", "labelset_id": "flow-t3"})
+    in_use = client.delete("/v1/labelsets/flow-t3")  # the queued or running distill job reads it
+    assert in_use.status_code == 409 and distill_id in in_use.json()["detail"], in_use.text
     distill = poll_job(client, distill_id)
     assert distill["state"] == "succeeded", distill
     assert distill["outputs"]["models"] == [distill_id] and "IV" in distill["metrics"]["stages"]

@@ -102,10 +102,19 @@ def test_delete_needs_the_key_and_readers_forget_the_set(api, api_roots, api_key
     assert api.get("/v1/labelsets/doomed/labels/3").status_code == 200  # the server now holds a reader for it
     assert api.delete("/v1/labelsets/doomed").status_code == 401
     assert api.delete("/v1/labelsets/doomed", headers={"X-API-Key": KEY + "x"}).status_code == 401
-    assert api.delete("/v1/labelsets/doomed", headers={"X-API-Key": KEY}).status_code == 204
+    deleted = api.delete("/v1/labelsets/doomed", headers={"X-API-Key": KEY})
+    assert deleted.status_code == 200 and deleted.json()["restore"] == "POST /v1/labelsets/doomed:restore"
     assert api.get("/v1/labelsets/doomed/labels/3").json()["type"] == "labelset_not_found"
     assert api.delete("/v1/labelsets/doomed", headers={"X-API-Key": KEY}).status_code == 404
     assert "doomed" not in [d["labelset_id"] for d in api.get("/v1/labelsets").json()["data"]]
+    trash = api.get("/v1/labelsets", params={"deleted": "true"}).json()["data"]
+    assert [t["trash_id"] for t in trash if t["labelset_id"] == "doomed"] == [deleted.json()["trash_id"]]
+    assert api.post("/v1/labelsets/doomed:restore").status_code == 401  # restoring is a mutation too
+    restored = api.post("/v1/labelsets/doomed:restore", headers={"X-API-Key": KEY})
+    assert restored.status_code == 200 and restored.json()["num_images"] == 10
+    assert api.get("/v1/labelsets/doomed/labels/3").status_code == 200  # served again, the same rows
+    assert api.post("/v1/labelsets/doomed:restore", headers={"X-API-Key": KEY}).status_code == 404
+    assert api.delete("/v1/labelsets/doomed", headers={"X-API-Key": KEY}).status_code == 200
 
 
 def test_a_damaged_chunk_is_a_json_500_naming_it_and_the_server_stays_up(api, api_roots, make_labelset):
