@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no "..", no "/", no leading dot: never a path escape
 MAX_DEPTH = 3  # run folders are found up to runs_root/a/b/c/model.pt
 FORMATS = ("PNG", "JPEG")
+PREVIOUS_MODEL = "model.previous.pt"  # what an upload with replace=true replaced (not listed, not served)
 FORWARD_BATCH = 256  # images per forward pass: bounds activation memory on large uploads
 
 
@@ -69,11 +70,12 @@ class ModelRegistry:
                 return path
         raise ModelNotFoundError(f"no model {model_id!r} under the runs root")
 
-    def add(self, model_id: str, data: bytes) -> ModelEntry:
+    def add(self, model_id: str, data: bytes, replace: bool = False) -> ModelEntry:
         """Publish an uploaded model file as runs_root/<id>/model.pt, only after it loads (weights_only) and runs.
 
-        Never overwrites: an id that already names a model is a ModelExistsError. The file is checked in a
-        temporary name beside its target and renamed into place, so a reader never sees a half-written model.
+        An id that already names a model is a ModelExistsError unless `replace`; then the model it replaces is kept
+        beside it as `model.previous.pt` (one previous version). The file is checked in a temporary name beside its
+        target and renamed into place, so a reader never sees a half-written model.
         """
         parts = self._parts(model_id, depth=MAX_DEPTH)
         if parts[-1] == "teacher":
@@ -82,13 +84,16 @@ class ModelRegistry:
         folder = root.joinpath(*parts)
         target = folder / "model.pt"
         with self._add_lock:
-            if target.exists():
-                raise ModelExistsError(f"model {model_id!r} already exists; upload under a new id")
+            if target.exists() and not replace:
+                raise ModelExistsError(f"model {model_id!r} already exists; upload under a new id, or send "
+                                       "replace=true to replace it (the old file is kept as model.previous.pt)")
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".upload-{os.getpid()}-{threading.get_ident()}.pt"
             try:
                 tmp.write_bytes(data)
                 _check_model_file(tmp)
+                if target.exists():
+                    os.replace(target, folder / PREVIOUS_MODEL)
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)

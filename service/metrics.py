@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from datetime import datetime, timezone
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+audit_log = logging.getLogger("ltd.audit")
 
 # request latencies here run from ~0.3 ms (a cached label row) to seconds (a large predict batch)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -74,3 +79,22 @@ class MetricsMiddleware:
             route = scope.get("route")  # set by the router once a route matched
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.observe_request(scope["method"], template, status, time.perf_counter() - start)
+            if is_mutation(scope["method"], template):
+                audit(scope, template, status)
+
+
+READ_POSTS = (":batch", ":predict")  # POSTs that only read (a body too large for a query string)
+
+
+def is_mutation(method: str, template: str) -> bool:
+    return method in ("POST", "PUT", "PATCH", "DELETE") and not template.endswith(READ_POSTS)
+
+
+def audit(scope, template: str, status: int) -> None:
+    """One JSON line per mutation attempt on the `ltd.audit` logger: time, endpoint, client, ids, outcome."""
+    client = scope.get("client")
+    record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "method": scope["method"],
+              "endpoint": template, "path": scope.get("path"), "ids": scope.get("path_params", {}),
+              "client": f"{client[0]}:{client[1]}" if client else None, "status": status,
+              "outcome": "ok" if status < 400 else "refused" if status in (401, 403) else "error"}
+    audit_log.info(json.dumps(record))

@@ -41,12 +41,15 @@ def describe_model(model_id: ModelId, models: ModelsDep) -> ModelPublic:
 @router.put("/{model_id:path}", summary="Upload a model", status_code=201, dependencies=[WriteKey],
             responses=error_responses(409, 413))
 def upload_model(model_id: ModelId, file: Annotated[UploadFile, File(description="A model.pt from `ltd train`")],
-                 models: ModelsDep) -> ModelPublic:
-    """Add a classifier trained elsewhere: the file must load (weights only) and run, and the id must be new.
+                 models: ModelsDep, replace: Annotated[bool, Query(
+                     description="Replace an existing model; the replaced file is kept as model.previous.pt")] = False
+                 ) -> ModelPublic:
+    """Add a classifier trained elsewhere: the file must load (weights only) and run. An existing id is 409 unless
+    `replace=true`.
 
     The body is capped by LTD_MAX_UPLOAD_BYTES (413 beyond it): raise it to accept ResNet-50-sized files.
     """
-    return _public(models.add(model_id, file.file.read()))
+    return _public(models.add(model_id, file.file.read(), replace=replace))
 
 
 @router.post("/{model_id:path}:predict", summary="Classify images", responses=error_responses(413))

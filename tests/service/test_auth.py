@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import stat
 
 import httpx
@@ -27,9 +29,10 @@ def test_loopback_binds_only():
     assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.5", "::", "example.org", ""]))
 
 
-def test_a_service_without_a_configured_key_checks_its_generated_token(api_roots, live_server, tmp_path):
+def test_a_service_without_a_configured_key_checks_its_generated_token(api_roots, live_server, tmp_path, caplog):
     from service.app import create_app
 
+    caplog.set_level(logging.INFO, logger="ltd.audit")
     token_file = tmp_path / "token"
     settings = api_settings(api_roots, api_key=None, token_file=token_file)
     with live_server(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as api:
@@ -46,6 +49,12 @@ def test_a_service_without_a_configured_key_checks_its_generated_token(api_roots
         metrics = api.get("/metrics").text
         assert 'ltd_auth_failures_total{method="DELETE",section="labelsets"} 2.0' in metrics
         assert 'ltd_auth_failures_total{method="POST",section="jobs"} 2.0' in metrics
+    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ltd.audit"]
+    assert [(a["method"], a["status"], a["outcome"]) for a in audit] == [
+        ("DELETE", 401, "refused"), ("POST", 401, "refused"), ("DELETE", 401, "refused"), ("POST", 401, "refused"),
+        ("DELETE", 404, "error")]  # one line per mutation attempt; reads are not audited
+    assert audit[0]["ids"] == {"labelset_id": "known"} and audit[0]["client"].startswith("127.0.0.1:")
+    assert audit[0]["endpoint"] == "/v1/labelsets/{labelset_id}" and token not in caplog.text
 
 
 def test_no_auth_opens_mutations_and_is_refused_off_loopback(api_roots, live_server, tmp_path, monkeypatch):

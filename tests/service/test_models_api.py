@@ -127,6 +127,14 @@ def test_upload_publishes_a_model_that_predicts_and_refuses_bad_files(tmp_path, 
         assert client.post("/v1/models/imported/r1:predict", files=[("files", ("a.png", png))]).status_code == 200
         again = client.put("/v1/models/imported/r1", files={"file": ("m.pt", good)}, headers=keyed)
         assert (again.status_code, again.json()["type"]) == (409, "model_exists")
+        assert "replace=true" in again.json()["detail"]
+        write_model(tmp_path / "newer" / "model.pt", image_size=8)
+        newer = (tmp_path / "newer" / "model.pt").read_bytes()
+        replaced = client.put("/v1/models/imported/r1", params={"replace": "true"},
+                              files={"file": ("m.pt", newer)}, headers=keyed)
+        assert replaced.status_code == 201 and replaced.json()["image_size"] == 8
+        assert (roots["runs"] / "imported" / "r1" / "model.previous.pt").read_bytes() == good  # kept, not lost
+        assert client.get("/v1/models/imported/r1").json()["image_size"] == 8
         for body, status, kind in [(b"not a torch file", 400, "model_file"), (good[: len(good) // 2], 400, "model_file"),
                                    (good + b"\0" * 2**20, 413, "payload_too_large")]:
             bad = client.put("/v1/models/imported/r2", files={"file": ("m.pt", body)}, headers=keyed)
@@ -135,7 +143,8 @@ def test_upload_publishes_a_model_that_predicts_and_refuses_bad_files(tmp_path, 
             assert client.put(f"/v1/models/{unsafe}", files={"file": ("m.pt", good)},
                               headers=keyed).status_code == 422, unsafe
     # refused uploads left no file behind: only the one good model exists
-    assert sorted(p.relative_to(roots["runs"]).as_posix() for p in roots["runs"].rglob("*.pt")) == ["imported/r1/model.pt"]
+    assert sorted(p.relative_to(roots["runs"]).as_posix() for p in roots["runs"].rglob("*.pt")) == [
+        "imported/r1/model.previous.pt", "imported/r1/model.pt"]
 
 
 def test_images_are_resized_as_the_models_eval_split_was(tmp_path):
