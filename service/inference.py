@@ -172,13 +172,17 @@ def decode_image(data: bytes, filename: str, max_pixels: int):
     """A PIL image from PNG/JPEG bytes: verified first, size-checked before the pixels are decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    bad = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+    bad = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
     try:
         with Image.open(io.BytesIO(data)) as probe:
             fmt, (width, height) = probe.format, probe.size
             probe.verify()  # checks structure and checksums without decoding the pixels
+    except Image.DecompressionBombError as err:  # PIL's own ceiling, far above ours: the header alone says so
+        raise PayloadTooLargeError(f"{filename!r} declares more pixels than PIL will open; the limit is "
+                                   f"{max_pixels} pixels") from err
     except bad as err:
-        raise ImageDecodeError(f"{filename!r} is not a readable PNG or JPEG image: {err}", filename=filename) from err
+        raise ImageDecodeError(f"{filename!r} is not a readable PNG or JPEG image: {_clean(err)}",
+                               filename=filename) from err
     if fmt not in FORMATS:
         raise ImageDecodeError(f"{filename!r} is {fmt}; send PNG or JPEG", filename=filename)
     if width * height > max_pixels:
@@ -187,8 +191,13 @@ def decode_image(data: bytes, filename: str, max_pixels: int):
         image = Image.open(io.BytesIO(data))  # verify() leaves the image unusable: open it again
         image.load()
     except bad as err:  # e.g. a truncated file that passed the structural check
-        raise ImageDecodeError(f"{filename!r} could not be decoded: {err}", filename=filename) from err
+        raise ImageDecodeError(f"{filename!r} could not be decoded: {_clean(err)}", filename=filename) from err
     return image
+
+
+def _clean(err: Exception) -> str:
+    """An error's message without object reprs (`<_io.BytesIO object at 0x…>`): clients see no server internals."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err)).strip() or type(err).__name__
 
 
 def to_model_input(image, spec):
