@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from service.client import ApiError, Client
 from service.jobs import JobStore
 from trainer.augment import normalize, to_float
 from trainer.config import RunConfig
@@ -95,9 +96,18 @@ def test_train_labels_distill_then_serve_labels_and_predictions(flow, poll_job):
     np.testing.assert_allclose([r["probs"] for r in rows], expected, atol=5e-3)
     assert [r["hard_label"] for r in rows] == data.train.labels[ids].tolist()
 
-    distill_id = submit(client, {"kind": "distill", "labelset_id": "flow-t3"})
+    # the distill job through the Python client: submit, follow its log to the end, wait
+    typed = Client(str(client.base_url), token=client.headers["X-API-Key"])
+    job = typed.jobs.submit({"kind": "distill", "labelset_id": "flow-t3"})
+    distill_id = job.id
     in_use = client.delete("/v1/labelsets/flow-t3")  # the queued or running distill job reads it
     assert in_use.status_code == 409 and distill_id in in_use.json()["detail"], in_use.text
+    followed = list(job.logs(follow=True, poll=0.5))  # returns once the job has ended
+    assert typed.jobs.get(distill_id).wait(progress=True, timeout=600).state == "succeeded"
+    assert any("attempt 1 started" in line for line in followed) and any("stage III" in line for line in followed)
+    with pytest.raises(ApiError) as err:
+        job.cancel()  # a finished job cannot be cancelled
+    assert err.value.status == 409
     distill = poll_job(client, distill_id)
     assert distill["state"] == "succeeded", distill
     assert distill["outputs"]["models"] == [distill_id] and "IV" in distill["metrics"]["stages"]
