@@ -82,9 +82,9 @@ def main(argv: list[str]) -> None:
     path = args.results_dir / f"ssd_vs_teacher-{device_tag()}.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     rows = [r for r in rows if (r["variant"], r["dataset"], r["epochs"]) != (row["variant"], row["dataset"], epochs)]
-    if args.default:
+    if args.default:  # one default per dataset
         for r in rows:
-            r["default"] = False
+            r["default"] = r["default"] and r["dataset"] != row["dataset"]
     write_results("ssd_vs_teacher", [*rows, row], command, args.results_dir)
     print(json.dumps({k: row[k] for k in ("variant", "seeds", "lws_overall", "ssd_overall", "diff_mean",
                                           "diff_std", "per_seed_diff")}))

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from service.cli_jobs import jobs_app, labels_get
 from trainer.config import RunConfig, load_config
 
 app = typer.Typer(help="Long-tailed recognition with SSD soft-label distillation.", no_args_is_help=True,
@@ -176,6 +177,8 @@ def reproduce(
 labels_app = typer.Typer(help="Soft-label sets in the Zarr store: generate, list, show, delete, restore, purge.",
                          no_args_is_help=True)
 app.add_typer(labels_app, name="labels")
+app.add_typer(jobs_app, name="jobs")
+labels_app.command("get")(labels_get)
 StoreOpt = Annotated[Path, typer.Option("--store", envvar="LTD_STORE_ROOT", help="Label store root folder")]
 
 

@@ -78,3 +78,28 @@ def test_models_predict_paths_bytes_and_pil_images_alike(client, tmp_path):
     out = client.models.predict("run1", [path, buffer.getvalue(), image], top_k=2).data
     assert [p.file for p in out] == ["a.png", "image1.png", "image2.png"]
     assert out[0].top_k == out[1].top_k == out[2].top_k and len(out[0].top_k) == 2
+
+
+def test_the_cli_over_http_reads_labels_and_reports_server_errors(api, api_key, api_roots, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    runner, url = CliRunner(), str(api.base_url)
+    monkeypatch.setenv("LTD_API_KEY", api_key)
+    got = runner.invoke(app, ["labels", "get", "known", "0", "5", "--top-k", "2", "--url", url])
+    assert got.exit_code == 0, got.output
+    rows = [json.loads(line) for line in got.output.splitlines()]
+    expected = LabelsetReader(api_roots["store"], "known").soft_labels(np.array([0, 5]))
+    assert [r["image_id"] for r in rows] == [0, 5] and rows[1]["classes"][0] == int(np.argmax(expected[1]))
+    assert runner.invoke(app, ["jobs", "list", "--url", url]).exit_code == 0
+    missing = runner.invoke(app, ["jobs", "status", "000000000000", "--url", url])
+    assert missing.exit_code == 1 and "404 job_not_found" in missing.output
+    taken = runner.invoke(app, ["jobs", "submit", "--kind", "labels", "--teacher", "run1/teacher", "--labelset",
+                                "known", "--url", url])
+    assert taken.exit_code == 2 and "409 labelset_exists" in taken.output
+    monkeypatch.setenv("LTD_API_KEY", "wrong")
+    refused = runner.invoke(app, ["jobs", "cancel", "000000000000", "--url", url])
+    assert refused.exit_code == 1 and "401 unauthorized" in refused.output
