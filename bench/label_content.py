@@ -24,7 +24,8 @@ from trainer.config import load_config
 from trainer.export import load_model
 from trainer.report import write_results
 from trainer.soft_targets import OnlineTargets
-from trainer.stages import prepare, teacher_logits
+from trainer.context import prepare
+from trainer.stages import teacher_logits
 
 
 def official_content(ctx, teacher, temperature: float, batch_size: int, seed: int) -> dict:

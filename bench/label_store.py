@@ -19,7 +19,7 @@ from trainer.labels import teacher_logits_block
 from trainer.models import build_classifier
 from trainer.report import write_results
 from trainer.soft_targets import InMemorySoftLabels, read_all_rows
-from trainer.stages import resolve_device
+from trainer.context import resolve_device
 
 log = logging.getLogger("bench.label_store")
 

@@ -24,7 +24,8 @@ from train_throughput import PlainCifar, load_data, plain_transforms
 from trainer.batches import Batch
 from trainer.config import RunConfig, load_config
 from trainer.report import aggregate, write_results
-from trainer.stages import RunContext, evaluate, prepare, train_stage1
+from trainer.context import RunContext, evaluate, prepare
+from trainer.stages import train_stage1
 
 log = logging.getLogger("bench.pipeline_parity")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "ce.yaml"

@@ -24,7 +24,8 @@ from trainer.batches import Batch, DeviceBatches, Draw
 from trainer.config import AugmentConfig, DataConfig, OptimConfig, RunConfig, Stage3Config
 from trainer.datasets import LongTailData, load_dataset
 from trainer.engine import LossFn, fit
-from trainer.stages import RunContext, distill_objective, stage1_objective
+from trainer.context import RunContext
+from trainer.stages import distill_objective, stage1_objective
 from trainer.report import device_tag, write_results
 from trainer.soft_targets import InMemorySoftLabels, TableTargets
 

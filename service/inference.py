@@ -142,7 +142,7 @@ class ModelRegistry:
         import torch
 
         from trainer.export import load_model
-        from trainer.stages import resolve_device
+        from trainer.context import resolve_device
 
         torch.set_num_threads(self.threads)  # process-wide; set here so a service that never predicts skips torch
         device = resolve_device(self.device)

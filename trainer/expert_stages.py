@@ -36,7 +36,7 @@ from trainer.experts import (
 from trainer.losses import build_loss, kd_per_image
 from trainer.metrics import summarize
 from trainer.models import Classifier, build_classifier
-from trainer.stages import RunContext, _headline, evaluate
+from trainer.context import RunContext, evaluate, headline
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def train_bbn(ctx: RunContext, report: dict) -> BBNNet:
     report["stages"]["I"] = evaluate(ctx, net.eval())
     branches = {}
     for name, alpha in (("conventional", 1.0), ("re_balancing", 0.0)):  # each branch alone, for the report
-        branches[name] = _headline(evaluate(ctx, lambda x, a=alpha: net(x, alpha=a), module=net))
+        branches[name] = headline(evaluate(ctx, lambda x, a=alpha: net(x, alpha=a), module=net))
     report["branches"] = branches
     return net
 
@@ -209,7 +209,7 @@ def _expert_logits(ctx: RunContext, net: MultiExpertNet, split=None) -> tuple[to
 
 def _each_expert(ctx: RunContext, net: MultiExpertNet) -> list[dict]:
     logits, labels = _expert_logits(ctx, net)
-    return [_headline(summarize(z.argmax(1), labels, ctx.data.class_counts)) for z in logits]
+    return [headline(summarize(z.argmax(1), labels, ctx.data.class_counts)) for z in logits]
 
 
 # ---------------------------------------------------------------------------------------------- independent experts
@@ -236,7 +236,7 @@ def train_independent_experts(ctx: RunContext, report: dict) -> MultiExpertNet:
     average = logits.mean(0).argmax(1)
     report["stages"]["I"] = summarize(average, labels, data.class_counts)
     report["experts"] = {
-        "each": [_headline(summarize(z.argmax(1), labels, data.class_counts)) for z in logits],
+        "each": [headline(summarize(z.argmax(1), labels, data.class_counts)) for z in logits],
         "disagreement": disagreement(logits.argmax(2), average, labels),
     }
     return net

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from trainer import augment
+from trainer.context import resolve_device
 
 
 def sample_views(num_images: int, views: int, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -60,7 +61,6 @@ class LabelShardWriter:
         from trainer.config import AugmentConfig, DataConfig
         from trainer.datasets import load_dataset
         from trainer.export import load_model
-        from trainer.stages import resolve_device
 
         self.device = resolve_device(device)
         self.teacher, self.spec = load_model(teacher_path, map_location=self.device)

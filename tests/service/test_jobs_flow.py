@@ -149,7 +149,8 @@ def test_jobs_of_one_stage1_recipe_posted_together_train_it_once(flow, poll_job)
 def test_a_job_waits_while_another_process_trains_its_stage1(flow, poll_job, tmp_path, claim_holder):
     """While another process holds the claim on a recipe's stage I, a train job of that recipe says it is waiting;
     when that process is killed without publishing, the job trains the stage I itself and publishes it."""
-    from trainer.stages import prepare, stage1_cache_entry
+    from trainer.context import prepare
+    from trainer.stages import stage1_cache_entry
 
     client, _, runs_root = flow
     config = {**ce_config(epochs=2), "seed": 7}  # a recipe no other test trains

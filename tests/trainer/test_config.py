@@ -77,7 +77,7 @@ def test_yaml_must_be_a_mapping(tmp_path):
 def test_cuda_graph_auto_is_on_where_the_graphed_step_was_checked(tiny_lt, tmp_path, device, overrides, shard, graphed):
     import torch
 
-    from trainer.stages import RunContext
+    from trainer.context import RunContext
 
     ctx = RunContext(load_config(None, overrides), tiny_lt, torch.device(device), tmp_path, shard)
     assert ctx.cuda_graph is graphed
@@ -90,7 +90,7 @@ def test_cuda_graph_auto_leaves_list_file_datasets_eager(tiny_lt, tmp_path):
     import torch
 
     from trainer.datasets import ImageSet
-    from trainer.stages import RunContext
+    from trainer.context import RunContext
 
     listed = ImageSet(labels=tiny_lt.train.labels, paths=tuple(f"{i}.jpg" for i in range(len(tiny_lt.train))),
                       root=tmp_path)

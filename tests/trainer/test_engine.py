@@ -97,7 +97,8 @@ def _train_ssd_stage(tiny_lt, tmp_path, checkpoint, stage="I", device="cpu", epo
     `wrap(batches)` replaces the batch source. Returns the epoch records and the model."""
     from trainer.config import RunConfig
     from trainer.soft_targets import InMemorySoftLabels, TableTargets
-    from trainer.stages import RunContext, distill_objective, stage1_objective
+    from trainer.context import RunContext
+    from trainer.stages import distill_objective, stage1_objective
 
     device = torch.device(device)
     ctx = RunContext(RunConfig(method="ssd", model={"arch": "resnet8"}, stage1={"moco": {"queue_size": 64}}, **cfg),

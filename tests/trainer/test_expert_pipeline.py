@@ -12,7 +12,8 @@ import torch
 
 from trainer.config import DataConfig, load_config
 from trainer.export import load_model
-from trainer.stages import evaluate, prepare, run_pipeline, teacher_logits
+from trainer.context import evaluate, prepare
+from trainer.stages import run_pipeline, teacher_logits
 
 TINY = ["data.name=embedded", "data.imbalance_factor=50", "data.max_per_class=150", "data.test_per_class=30",
         "model.arch=resnet8", "stage1.optim.epochs=2", "stage1.optim.warmup_epochs=0", "stage1.optim.batch_size=64",

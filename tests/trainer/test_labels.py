@@ -9,7 +9,8 @@ from store import LabelsetNotFoundError, LabelsetReader, LabelsetSpec, LabelsetW
 from trainer.config import load_config
 from trainer.export import load_model
 from trainer.labels import LabelShardWriter
-from trainer.stages import prepare, run_pipeline, teacher_logits
+from trainer.context import prepare
+from trainer.stages import run_pipeline, teacher_logits
 from trainer.workers import WorkerDiedError, generate_labelset
 
 TINY = ["data.name=synthetic", "data.imbalance_factor=20", "data.max_per_class=120", "data.test_per_class=40",

@@ -46,7 +46,8 @@ def test_ssd_soft_label_modes(mode, tiny_lt, tmp_path):
 def test_clean_run_reports_what_its_soft_labels_carry(tiny_lt, tmp_path):
     from store.content import label_content
     from trainer.export import load_model
-    from trainer.stages import prepare, teacher_logits
+    from trainer.context import prepare
+    from trainer.stages import teacher_logits
 
     cfg = load_config(None, [*TINY, f"out_dir={tmp_path}"])
     report = run_pipeline(cfg, data=tiny_lt)
@@ -60,7 +61,7 @@ def test_clean_run_reports_what_its_soft_labels_carry(tiny_lt, tmp_path):
 
 def test_saved_models_rebuild_and_predict_the_same(tiny_lt, tmp_path):
     from trainer.export import load_model
-    from trainer.stages import evaluate, prepare
+    from trainer.context import evaluate, prepare
 
     cfg = load_config(None, [*TINY, f"out_dir={tmp_path}"])
     report = run_pipeline(cfg, data=tiny_lt)
@@ -76,7 +77,7 @@ def test_validation_split_scores_every_stage_on_held_out_images(tmp_path):
     """With data.val_per_class, each stage also reports its held-out accuracy: the numbers a user may choose by."""
     from trainer.datasets import load_dataset
     from trainer.export import load_model
-    from trainer.stages import evaluate, prepare
+    from trainer.context import evaluate, prepare
 
     cfg = load_config(None, [*TINY, "data.val_per_class=5", f"out_dir={tmp_path}"])
     data = load_dataset(cfg.data)
@@ -112,7 +113,7 @@ def test_stage3_is_evaluated_in_eval_mode(tiny_lt, tmp_path):
     """Regression: a train-mode student would normalise class-sorted test batches with their own statistics."""
     from trainer.export import load_model
     from trainer.models import Classifier
-    from trainer.stages import evaluate, prepare
+    from trainer.context import evaluate, prepare
 
     cfg = load_config(None, [*TINY, "stage4.enabled=false", f"out_dir={tmp_path}"])
     report = run_pipeline(cfg, data=tiny_lt)
