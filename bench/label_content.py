@@ -6,7 +6,7 @@ official: the reference code's stage III (MCG-NJU/SSD-LT): the teacher labels th
 
 Both are summarised by `store.content` (per shot group, teacher right vs wrong: mean max-probability, entropy, mass
 off the argmax and off the hard label, argmax != hard label) and written as one results file, one row per run and
-regime. Usage: python bench/label_content.py RUN_DIR [RUN_DIR ...] (each holding config.yaml and teacher.pt).
+regime. Usage: python bench/label_content.py RUN_DIR [RUN_DIR ...] (each holding config.yaml and teacher.pt, or see --teacher).
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--temperature", type=float, default=None, help="default: the run's stage3.temperature")
+    parser.add_argument("--teacher", default="teacher.pt", help="model file in each run folder (an LWS run's "
+                        "model.pt is the teacher an SSD run of the same stage I would train)")
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="label_content")
     args = parser.parse_args(argv)
@@ -60,7 +62,7 @@ def main(argv: list[str]) -> None:
         overrides = [] if args.temperature is None else [f"stage3.temperature={args.temperature}"]
         cfg = load_config(run / "config.yaml", [f"out_dir={run}", *overrides])
         ctx = prepare(cfg)
-        teacher, spec = load_model(run / "teacher.pt")
+        teacher, spec = load_model(run / args.teacher)
         teacher.to(ctx.device)
         top1 = (spec.metrics or {}).get("overall")
         temperature = cfg.stage3.temperature
