@@ -79,7 +79,7 @@ class RunContext:
         size = int(data.train.images.shape[-1]) if data.in_memory else self.cfg.data.image_size
         return ModelSpec(arch=self.cfg.model.arch, in_channels=data.in_channels, num_classes=data.num_classes,
                          head=kind, head_args=args, resize=size if data.in_memory else eval_resize(size),
-                         class_names=list(data.class_names), mean=list(data.mean),
+                         class_names=[str(c) for c in data.class_names], mean=list(data.mean),
                          std=list(data.std), image_size=size, role=role, method=self.cfg.method,
                          fingerprint=data.fingerprint, metrics=metrics or {})
 

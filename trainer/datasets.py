@@ -124,7 +124,7 @@ def read_cifar10_npz(path: Path | None) -> Raw:
     cache = Path(os.environ.get("LTD_CACHE", Path.home() / ".cache" / "ltd")) / f"cifar10_npz_{path.stat().st_size}.npz"
     if cache.exists():
         with np.load(cache) as z:
-            return z["x_train"], z["y_train"], z["x_test"], z["y_test"], list(z["names"])
+            return z["x_train"], z["y_train"], z["x_test"], z["y_test"], [str(n) for n in z["names"]]
     from PIL import Image
 
     with np.load(path) as z:

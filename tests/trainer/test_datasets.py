@@ -139,6 +139,9 @@ def test_jpeg_npz_reader(tmp_path, monkeypatch):
     position = int(np.where(data.source_indices == 0)[0][0])
     np.testing.assert_array_equal(data.train.images[position].permute(1, 2, 0).numpy(), first)
     assert data.class_names[3] == "k3"
+    cached = load_dataset(DataConfig(name="cifar10_npz", root=path, imbalance_factor=1))  # from the decoded cache
+    assert cached.fingerprint == data.fingerprint and cached.class_names == data.class_names
+    assert all(type(name) is str for name in cached.class_names)  # np.str_ would not load with weights_only
 
 
 @pytest.mark.skipif(not CIFAR10_NPZ_CANDIDATES[-1].exists(), reason="../shared/data not beside this checkout")
