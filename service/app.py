@@ -79,7 +79,7 @@ def _typed_handler(status: int):
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         headers = None
         if status == 401:
-            headers = {"WWW-Authenticate": 'APIKey header="X-API-Key"'}
+            headers = {"WWW-Authenticate": "APIKey"}
             request.state.metrics.auth_failures.labels(request.method, request.url.path.split("/")[2]
                                                        if request.url.path.count("/") > 1 else "").inc()
         if status >= 500:

@@ -62,8 +62,10 @@ def test_views_labelset_replays_and_trains_a_student(teacher_run, tiny_lt, tmp_p
     assert params.shape == (5, 3, 5) and np.all(params[..., 2] - params[..., 0] == 32)
     student_cfg = load_config(None, [*TINY, f"out_dir={tmp_path / 'student'}"])
     report = run_pipeline(student_cfg, source=reader, data=tiny_lt)
+    content = report["soft_labels"].pop("content")  # the labelset's own summary, from its provenance
     assert report["soft_labels"] == {"mode": "views", "source": "LabelsetReader", "temperature": 2.0,
                                      "labelset_id": "views"}
+    assert content["overall"]["rows"] > 0
     assert set(report["stages"]) == {"III", "III_hard_head", "IV"}
 
 
