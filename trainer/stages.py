@@ -260,7 +260,7 @@ def rebalance_student_head(ctx: RunContext, student: TwoHeadStudent) -> Classifi
     """Stage IV: LWS on one head of the distilled student (`stage4.head`), backbone frozen.
 
     The hard head is the default: the official stage-IV loader re-balances it, and on held-out data it beat the
-    soft head on every seed we ran (README, Results). The soft head then only shapes the backbone through KD.
+    soft head on every seed we ran (docs/results.md). The soft head then only shapes the backbone through KD.
     """
     student.requires_grad_(False).backbone.eval()
     base = student.hard_head if ctx.cfg.stage4.head == "hard" else student.soft_head
