@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from trainer.config import AugmentConfig
 from trainer.datasets import ImageSet
 from trainer.distributed import shard_epoch
 from trainer.samplers import epoch_indices
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,19 +137,56 @@ class DeviceBatches:
         return Batch(ids=draw.ids, labels=draw.labels, images=images, key_images=key, views=draw.views)
 
 
+def read_rgb(path) -> torch.Tensor:
+    """uint8 (3, H, W): torchvision.io's decoder (JPEG, PNG, WebP; grayscale, CMYK, palette and alpha to RGB, equal to
+    PIL's .convert("RGB")), and PIL's .convert("RGB") for what it cannot read (BMP)."""
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
 class ListFileImages(Dataset):
-    """Images named in a list file, decoded with torchvision.io and transformed per image (DataLoader workers)."""
+    """Images named in a list file (or found in a folder), decoded and transformed per image (DataLoader workers).
+
+    A file that cannot be decoded never stops the epoch: the next decodable image of the same class stands in for
+    it (logged once per file and worker). The folder reader's scan skips such files before ids are given
+    (trainer/folder.py); this catches what only a full decode finds.
+    """
 
     def __init__(self, split: ImageSet, transform: v2.Transform, key_transform: v2.Transform | None = None):
         self.split, self.transform, self.key_transform = split, transform, key_transform
+        self.broken: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        image = decode_image(str(self.split.root / self.split.paths[i]), mode=ImageReadMode.RGB)
+        image = self._decode(i)
         key = self.key_transform(image) if self.key_transform is not None else torch.empty(0)
         return i, int(self.split.labels[i]), self.transform(image), key
+
+    def _decode(self, i: int) -> torch.Tensor:
+        if i not in self.broken:
+            try:
+                return read_rgb(self.split.root / self.split.paths[i])
+            except Exception as err:  # noqa: BLE001 - any undecodable file is stood in for, below
+                self.broken.add(i)
+                log.warning("cannot decode %s (%s: %s): an image of the same class stands in for it",
+                            self.split.root / self.split.paths[i], type(err).__name__, err)
+        same = np.flatnonzero(self.split.labels.numpy() == int(self.split.labels[i]))
+        start = int(np.searchsorted(same, i))
+        for j in np.roll(same, -start - 1).tolist():
+            if j in self.broken or j == i:
+                continue
+            try:
+                return read_rgb(self.split.root / self.split.paths[j])
+            except Exception:  # noqa: BLE001
+                self.broken.add(j)
+        raise RuntimeError(f"no image of class {int(self.split.labels[i])} in {self.split.root} can be decoded")
 
 
 def eval_resize(size: int) -> int:

@@ -33,11 +33,18 @@ class Frozen(BaseModel):
 
 
 class DataConfig(Frozen):
-    name: Literal["embedded", "fashion_mnist", "synthetic", "cifar10", "cifar10_npz", "cifar100", "list"] = Field(
-        "embedded", description="Dataset reader; 'embedded' is Fashion-MNIST when installed, else synthetic images"
+    name: Literal[
+        "embedded", "fashion_mnist", "synthetic", "cifar10", "cifar10_npz", "cifar100", "list", "folder"
+    ] = Field(
+        "embedded", description="Dataset reader; 'embedded' is Fashion-MNIST when installed, else synthetic images; "
+        "'folder' is torchvision's ImageFolder layout, data.root/train/<class>/<image> and data.root/val/ (or test/), "
+        "class index = position of the folder name in sorted order, unreadable files skipped (trainer/folder.py)"
     )
     root: Path | None = Field(None, description="Folder or file the reader opens (None: the reader's default)")
-    imbalance_factor: float = Field(100.0, ge=1.0, description="n_max / n_min of the long-tailed split (1 = keep all)")
+    imbalance_factor: float = Field(
+        100.0, ge=1.0, description="n_max / n_min of the long-tailed split (1 = keep all). name=folder defaults to 1: "
+        "the folder's own split as it is; set it (or max_per_class) to sub-sample the folder LDAM's way"
+    )
     lt_seed: int = Field(0, description="Seed of the legacy NumPy shuffle that picks each class's kept images")
     max_per_class: int | None = Field(None, ge=1, description="Cap n_max (head-class size) to shrink runs on CPU")
     val_per_class: int = Field(
@@ -51,8 +58,17 @@ class DataConfig(Frozen):
     )
     train_list: Path | None = Field(None, description="List file 'relative/path.jpg label' (name='list')")
     test_list: Path | None = Field(None, description="Test list file (name='list')")
-    image_size: int = Field(224, description="Crop size for list-file datasets")
-    num_workers: int = Field(4, ge=0, description="DataLoader workers for list-file datasets")
+    image_size: int = Field(224, description="Crop size for list-file and folder datasets")
+    num_workers: int = Field(4, ge=0, description="DataLoader workers for list-file and folder datasets")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _folder_keeps_its_split(cls, data: Any) -> Any:
+        """A folder of the user's own images is used as it is unless asked: its default imbalance factor is 1, and
+        the resolved value is what run folders and workers receive (a dumped config reloads to the same split)."""
+        if isinstance(data, dict) and data.get("name") == "folder" and data.get("imbalance_factor") is None:
+            return {**data, "imbalance_factor": 1.0}
+        return data
 
 
 class ModelConfig(Frozen):

@@ -20,6 +20,7 @@ from trainer.datasets import LongTailData, load_dataset
 from trainer.distributed import current_shard
 from trainer.engine import fit, predict
 from trainer.export import ModelSpec, head_kind
+from trainer.folder import write_skipped
 from trainer.metrics import summarize
 from trainer.models import Classifier
 
@@ -107,7 +108,9 @@ def prepare(cfg: RunConfig, data: LongTailData | None = None) -> RunContext:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
-    return RunContext(cfg, data or load_dataset(cfg.data), resolve_device(cfg.device), out_dir, current_shard())
+    data = data or load_dataset(cfg.data)
+    write_skipped(data, out_dir)  # skipped_images.json: the unreadable files a folder dataset left out
+    return RunContext(cfg, data, resolve_device(cfg.device), out_dir, current_shard())
 
 
 def evaluate(ctx: RunContext, forward, split=None, module: nn.Module | None = None) -> dict:

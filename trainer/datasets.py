@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from trainer.config import DataConfig
+from trainer.folder import scan_folder_dataset
 from trainer.longtail import carve_validation, lt_indices
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class LongTailData:
     fingerprint: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    source_indices: np.ndarray  # image_id -> index in the original training file
+    source_indices: np.ndarray  # image_id -> index in the original training file (a folder's full file listing)
+    skipped: tuple[dict, ...] = ()  # unreadable files left out (folder datasets): split, path, class, reason
 
     @property
     def num_classes(self) -> int:
@@ -250,6 +252,8 @@ def load_dataset(cfg: DataConfig) -> LongTailData:
     name = resolve_name(cfg)
     if name == "list":
         return _load_list_dataset(cfg)
+    if name == "folder":
+        return _load_folder_dataset(cfg)
     x_train, y_train, x_test, y_test, names = read_raw(cfg, name)
     if cfg.jpeg_quality is not None:
         x_train, x_test = jpeg_round_trip(x_train, cfg.jpeg_quality), jpeg_round_trip(x_test, cfg.jpeg_quality)
@@ -298,4 +302,46 @@ def _load_list_dataset(cfg: DataConfig) -> LongTailData:
         mean=(0.485, 0.456, 0.406),  # ImageNet statistics, as torchvision's ResNets expect
         std=(0.229, 0.224, 0.225),
         source_indices=np.arange(len(train_y)),
+    )
+
+
+def _load_folder_dataset(cfg: DataConfig) -> LongTailData:
+    """`data.name=folder` (trainer/folder.py): the LongTailData the list-file reader gives, plus the skipped files.
+
+    image_id = position among the usable training files in torchvision's ImageFolder order; source_indices maps it to
+    the file's index in the full listing. A skipped file takes no id: ids, paths and fingerprint equal those of the
+    same folder without it.
+    """
+    if cfg.root is None:
+        raise ValueError("data.name=folder needs data.root: the folder holding train/ and val/ (or test/)")
+    if cfg.val_per_class:
+        raise ValueError("data.val_per_class carves a validation split out of in-memory data; for a folder dataset "
+                         "put the validation images in data.root/val/ next to data.root/test/")
+    scan = scan_folder_dataset(Path(cfg.root))
+    train = scan.train
+    keep = np.flatnonzero(train.usable)  # image_id -> index in the full listing
+    if cfg.imbalance_factor != 1.0 or cfg.max_per_class is not None:  # asked for: LDAM's LT rule on usable files
+        keep = keep[np.sort(lt_indices(train.labels[keep], cfg.imbalance_factor, cfg.lt_seed, cfg.max_per_class))]
+
+    def image_set(split, index: np.ndarray) -> ImageSet:
+        return ImageSet(labels=torch.from_numpy(split.labels[index].copy()),
+                        paths=tuple(split.files[i] for i in index.tolist()), root=split.folder)
+
+    train_set = image_set(train, keep)
+    test_usable = np.flatnonzero(scan.test.usable)
+    test_set = image_set(scan.test, test_usable[_cap_per_class(scan.test.labels[test_usable], cfg.test_per_class)])
+    val_set = image_set(scan.val, np.flatnonzero(scan.val.usable)) if scan.val is not None else None
+    train_y = train_set.labels.numpy()
+    return LongTailData(
+        name="folder",
+        class_names=list(train.class_names),
+        train=train_set,
+        test=test_set,
+        val=val_set,
+        class_counts=np.bincount(train_y, minlength=len(train.class_names)),
+        fingerprint=fingerprint(None, train_y, train_set.paths),
+        mean=(0.485, 0.456, 0.406),  # ImageNet statistics, as torchvision's ResNets expect (as for list files)
+        std=(0.229, 0.224, 0.225),
+        source_indices=keep,
+        skipped=tuple(scan.skipped()),
     )

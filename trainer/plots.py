@@ -58,3 +58,30 @@ def plot_label_distributions(class_counts, distilled_mass, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_class_sizes(sorted_counts, path: Path, title: str = "") -> Path:
+    """The class-size curve of a training set (`ltd data inspect`): images per class, largest first, on a log axis,
+    coloured by shot group with the many/few thresholds drawn."""
+    counts = np.asarray(sorted_counts, dtype=float)
+    x = np.arange(len(counts))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = np.where(counts > MANY_SHOT, "tab:blue", np.where(counts < FEW_SHOT, "tab:red", "tab:orange"))
+    if len(counts) <= 200:
+        ax.bar(x, np.maximum(counts, 0.8), color=colours, width=1.0, alpha=0.8)
+    else:  # a thousand bars are a blur: the curve, filled by group
+        for colour in ("tab:blue", "tab:orange", "tab:red"):
+            ax.fill_between(x, 0.8, np.maximum(counts, 0.8), where=colours == colour, color=colour, alpha=0.8, step="mid")
+    ax.plot(x, np.maximum(counts, 0.8), "k-", linewidth=0.8)
+    for level in (MANY_SHOT, FEW_SHOT):
+        ax.axhline(level, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("class (sorted by size: head → tail)")
+    ax.set_ylabel("training images (log)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange", "tab:red")]
+    ax.legend(handles, [f"many (>{MANY_SHOT})", "medium", f"few (<{FEW_SHOT})"], loc="upper right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
