@@ -10,10 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.routing import Match
 
 import store
 from service import errors
@@ -101,10 +102,29 @@ async def _model_validation(request: Request, exc: ValidationError) -> JSONRespo
 HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Framework errors: unknown paths, wrong methods, bodies over max_body_size, unparsable bodies."""
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(app, scope) -> set[str]:
+    """Every method some route serves at this request's path (Starlette's own 405 names only the first matching
+    route's); asked through the routes' public `matches`, so nested routers count too."""
+    return {method for method in METHODS
+            if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.routes)}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Framework errors: unknown paths, wrong methods, bodies over max_body_size, unparsable bodies.
+
+    A 405 lists in `Allow` every method of the path, and OPTIONS on a known path answers 204 with that list
+    (RFC 9110), so a client can discover what a resource supports."""
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        allow = ", ".join(sorted(allowed_methods(request.app, request.scope) | {"OPTIONS"}))
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers={"Allow": allow})
+        headers = {**(headers or {}), "Allow": allow}
     kind = HTTP_TYPES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, exc.detail, kind, getattr(exc, "headers", None))
+    return error_response(exc.status_code, exc.detail, kind, headers)
 
 
 class DeclaredLengthLimit:

@@ -9,12 +9,13 @@ from fastapi import Depends, Header, Path, Request, Security
 from fastapi.security import APIKeyHeader
 
 from service.errors import UnauthorizedError
-from service.inference import ModelRegistry
-from service.jobs import JobStore
+from service.inference import MODEL_ID_PATTERN, ModelRegistry
+from service.jobs import JOB_ID_PATTERN, JobStore
 from service.labels import ReaderCache
 from service.metrics import ServiceMetrics
 from service.runner import JobRunner
 from service.settings import Settings
+from store.layout import LABELSET_ID_PATTERN
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="Needed on mutating endpoints when LTD_API_KEY is set (and on reads when "
@@ -83,10 +84,12 @@ WriteKey = Depends(require_write_key)
 ReadKey = Depends(require_read_key)
 
 
-# path parameters, described once for /docs
+# path parameters, described once for /docs. The id patterns are documented (json_schema_extra) but checked by the
+# store and the model registry with the same regex, so a malformed id gets their typed 422 rather than a generic one.
 LabelsetId = Annotated[str, Path(description="Labelset id, a folder name under the store root",
-                                  examples=["fmnist-ssd-t2"])]
+                                  examples=["fmnist-ssd-t2"], json_schema_extra={"pattern": LABELSET_ID_PATTERN.pattern})]
 ImageId = Annotated[int, Path(description="Training image id: the row, 0..num_images-1", examples=[7])]
 ModelId = Annotated[str, Path(description="Run folder under the runs root ('<job id>'), or '<job id>/teacher'",
-                              examples=["3f2a9c01d4e5"])]
-JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs", examples=["3f2a9c01d4e5"])]
+                              examples=["3f2a9c01d4e5"], json_schema_extra={"pattern": MODEL_ID_PATTERN.pattern})]
+JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs", examples=["3f2a9c01d4e5"],
+                            pattern=JOB_ID_PATTERN)]

@@ -18,8 +18,11 @@ log = logging.getLogger(__name__)
 
 SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no "..", no "/", no leading dot: never a path escape
 MAX_DEPTH = 3  # run folders are found up to runs_root/a/b/c/model.pt
+# a model id: up to MAX_DEPTH run folders, optionally ending in "/teacher" (that run's teacher.pt); the OpenAPI
+# schema documents this same pattern, so a schema-valid id is never refused as malformed
+MODEL_ID_PATTERN = re.compile(rf"^{SEGMENT.pattern}(?:/{SEGMENT.pattern}){{0,{MAX_DEPTH - 1}}}(?:/teacher)?$")
 FORMATS = ("PNG", "JPEG")
-PREVIOUS_MODEL = "model.previous.pt"  # what an upload with replace=true replaced (not listed, not served)
+PREVIOUS_SUFFIX = ".previous.pt"  # model.previous.pt: what a replace=true upload replaced (not listed, not served)
 FORWARD_BATCH = 256  # images per forward pass: bounds activation memory on large uploads
 
 
@@ -50,12 +53,18 @@ class ModelRegistry:
         self._add_lock = threading.Lock()
 
     @staticmethod
-    def _parts(model_id: str, depth: int = MAX_DEPTH + 1) -> list[str]:
-        parts = model_id.split("/")
-        if len(parts) > depth or not all(SEGMENT.fullmatch(p) for p in parts):
+    def _parts(model_id: str) -> list[str]:
+        if not MODEL_ID_PATTERN.fullmatch(model_id):
             raise InvalidIdError(f"invalid model id {model_id!r}: use run folder names (letters, digits, . _ -) "
                                  f"joined by '/', at most {MAX_DEPTH} deep, optionally ending in '/teacher'")
-        return parts
+        return model_id.split("/")
+
+    @staticmethod
+    def _file(parts: list[str]) -> tuple[list[str], str]:
+        """(run folder parts, file name) an id is uploaded to: '<run>/teacher' is the run's teacher.pt."""
+        if len(parts) > 1 and parts[-1] == "teacher":
+            return parts[:-1], "teacher.pt"
+        return parts, "model.pt"
 
     def resolve(self, model_id: str) -> Path:
         """The model file of an id, or InvalidIdError (not a safe id) / ModelNotFoundError (no such file)."""
@@ -73,16 +82,15 @@ class ModelRegistry:
     def add(self, model_id: str, data: bytes, replace: bool = False) -> ModelEntry:
         """Publish an uploaded model file as runs_root/<id>/model.pt, only after it loads (weights_only) and runs.
 
-        An id that already names a model is a ModelExistsError unless `replace`; then the model it replaces is kept
-        beside it as `model.previous.pt` (one previous version). The file is checked in a temporary name beside its
-        target and renamed into place, so a reader never sees a half-written model.
+        '<run>/teacher' uploads that run's teacher.pt (a teacher for label jobs). An id that already names a model
+        is a ModelExistsError unless `replace`; then the model it replaces is kept beside it as `model.previous.pt`
+        (`teacher.previous.pt`; one previous version). The file is checked in a temporary name beside its target
+        and renamed into place, so a reader never sees a half-written model.
         """
-        parts = self._parts(model_id, depth=MAX_DEPTH)
-        if parts[-1] == "teacher":
-            raise InvalidIdError("model ids may not end in 'teacher': that names the teacher beside a student")
+        folder_parts, name = self._file(self._parts(model_id))
         root = self.root.resolve()
-        folder = root.joinpath(*parts)
-        target = folder / "model.pt"
+        folder = root.joinpath(*folder_parts)
+        target = folder / name
         with self._add_lock:
             if target.exists() and not replace:
                 raise ModelExistsError(f"model {model_id!r} already exists; upload under a new id, or send "
@@ -93,7 +101,7 @@ class ModelRegistry:
                 tmp.write_bytes(data)
                 _check_model_file(tmp)
                 if target.exists():
-                    os.replace(target, folder / PREVIOUS_MODEL)
+                    os.replace(target, folder / name.replace(".pt", PREVIOUS_SUFFIX))
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)

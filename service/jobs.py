@@ -60,6 +60,9 @@ class JobRecord:
         return cls(**fields)
 
 
+JOB_ID_PATTERN = r"^[0-9a-f]{12}$"  # what new_job_id makes; the API checks job ids in paths against it
+
+
 def new_job_id() -> str:
     """12 hex digits: a safe folder name under the runs root and a model id prefix."""
     return uuid.uuid4().hex[:12]

@@ -5,17 +5,29 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from trainer.config import RunConfig
 from store.catalog import LabelsetSummary
+from store.layout import LABELSET_ID_PATTERN
 
-LABELSET_ID = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Labelset id (a folder name)",
+LABELSET_ID = Field(pattern=LABELSET_ID_PATTERN.pattern, description="Labelset id (a folder name)",
                     examples=["fmnist-ssd-t2"])
 TEMPERATURE = dict(ge=0.05, le=100.0, description="Re-temper at T' from the stored logits (default: the stored T)")
 TINY_CONFIG = {"method": "ssd", "data": {"name": "synthetic", "imbalance_factor": 20, "max_per_class": 60},
                "model": {"arch": "resnet8"}, "stage1": {"optim": {"epochs": 2, "warmup_epochs": 0}},
                "stage3": {"optim": {"epochs": 2, "warmup_epochs": 0}}}
+
+
+def _integral(value):
+    """7.0 -> 7: JSON Schema counts a number with no fractional part as an integer; strict pydantic does not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds):
+    """An integer in a strict request body as JSON Schema defines one (7 or 7.0; not "7", true or 7.5). The bounds
+    go before the validator: pydantic documents them as minimum/maximum only in that order."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
 class Schema(BaseModel):
@@ -135,9 +147,9 @@ class LabelOut(LabelRow):
 class BatchLabelsIn(Schema):
     """Many rows at once; send `Accept: application/octet-stream` (or ?format=npy) for an npy float16 (n, C) body."""
 
-    image_ids: list[int] = Field(min_length=1, description="Training image ids (row order of the answer)")
+    image_ids: list[json_int()] = Field(min_length=1, description="Training image ids (row order of the answer)")
     temperature: float | None = Field(None, **TEMPERATURE)
-    top_k: int | None = Field(None, ge=1, le=100_000, description="Keep the k largest probabilities, renormalised")
+    top_k: json_int(ge=1, le=100_000) | None = Field(None, description="Keep the k largest probabilities, renormalised")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"image_ids": [0, 1, 2, 3], "temperature": 4.0, "top_k": 3}]})
@@ -179,8 +191,8 @@ class LabelsJobIn(JobBase):
     labelset_id: Annotated[str, LABELSET_ID]
     temperature: float | None = Field(None, ge=0.05, le=100.0, description="T (default: config stage3.temperature)")
     mode: Literal["clean", "views"] | None = Field(None, description="Default from config stage3.soft_labels")
-    views: int | None = Field(None, ge=1, le=64, description="Views per image in views mode")
-    top_k: int | None = Field(None, ge=1, description="Also store a top-k sparse form")
+    views: json_int(ge=1, le=64) | None = Field(None, description="Views per image in views mode")
+    top_k: json_int(ge=1) | None = Field(None, description="Also store a top-k sparse form")
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"kind": "labels", "teacher": "3f2a9c01d4e5/teacher", "labelset_id": "tiny-t2", "temperature": 2.0}]})
 

@@ -74,13 +74,14 @@ def list_jobs(jobs: JobsDep, settings: SettingsDep,
     return JobsPublic(data=[_public(j, settings) for j in records], count=total)
 
 
-@router.get("/{job_id}", summary="Get a job", dependencies=[ReadKey])
+@router.get("/{job_id:segment}", summary="Get a job", dependencies=[ReadKey])
 def get_job(job_id: JobId, jobs: JobsDep, settings: SettingsDep) -> JobPublic:
     """State, progress, metrics and error of one job."""
     return _public(jobs.get(job_id), settings)
 
 
-@router.post("/{job_id}:cancel", summary="Cancel a job", dependencies=[WriteKey], responses=error_responses(409))
+@router.post("/{job_id:segment}:cancel", summary="Cancel a job",
+             dependencies=[WriteKey], responses=error_responses(409))
 def cancel_job(job_id: JobId, jobs: JobsDep, runner: RunnerDep, settings: SettingsDep) -> JobPublic:
     """Stop a queued or running job (its Ray task is force-cancelled); finished jobs answer 409."""
     job = jobs.get(job_id)
@@ -91,7 +92,7 @@ def cancel_job(job_id: JobId, jobs: JobsDep, runner: RunnerDep, settings: Settin
     return _public(jobs.get(job_id), settings)
 
 
-@router.post("/{job_id}:retry", summary="Resume a failed or cancelled job", dependencies=[WriteKey],
+@router.post("/{job_id:segment}:retry", summary="Resume a failed or cancelled job", dependencies=[WriteKey],
              responses=error_responses(409))
 def retry_job(job_id: JobId, jobs: JobsDep, runner: RunnerDep, settings: SettingsDep,
               metrics: MetricsDep) -> JobPublic:
@@ -103,7 +104,7 @@ def retry_job(job_id: JobId, jobs: JobsDep, runner: RunnerDep, settings: Setting
     return _public(jobs.get(job_id), settings)
 
 
-@router.get("/{job_id}/logs", summary="Tail of a job's log", dependencies=[ReadKey], response_model=None,
+@router.get("/{job_id:segment}/logs", summary="Tail of a job's log", dependencies=[ReadKey], response_model=None,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Log lines"}})
 def job_logs(job_id: JobId, jobs: JobsDep, settings: SettingsDep,
              tail: Annotated[int, Query(ge=1, le=10_000, description="Last lines to return")] = 200

@@ -43,14 +43,14 @@ def list_labelsets(settings: SettingsDep, deleted: Annotated[bool, Query(
     return LabelsetsPublic(data=items, count=len(items))
 
 
-@router.get("/{labelset_id}", summary="Describe a labelset")
+@router.get("/{labelset_id:segment}", summary="Describe a labelset")
 def describe_labelset(labelset_id: LabelsetId, settings: SettingsDep) -> LabelsetDetail:
     """Provenance of one labelset: teacher hash, dataset, class names and counts, temperature, mode, config."""
     prov = store.describe(settings.store_root, labelset_id)
     return LabelsetDetail(**prov.model_dump(exclude={"checksums"}))
 
 
-@router.delete("/{labelset_id}", summary="Delete a labelset (into the trash)", dependencies=[WriteKey],
+@router.delete("/{labelset_id:segment}", summary="Delete a labelset (into the trash)", dependencies=[WriteKey],
                responses=error_responses(409))
 def delete_labelset(labelset_id: LabelsetId, settings: SettingsDep, readers: ReadersDep,
                     jobs: JobsDep) -> TrashedLabelset:
@@ -67,7 +67,7 @@ def delete_labelset(labelset_id: LabelsetId, settings: SettingsDep, readers: Rea
     return _trashed(entry)
 
 
-@router.post("/{labelset_id}:restore", summary="Restore a deleted labelset", dependencies=[WriteKey],
+@router.post("/{labelset_id:segment}:restore", summary="Restore a deleted labelset", dependencies=[WriteKey],
              responses=error_responses(409))
 def restore_labelset(labelset_id: LabelsetId, settings: SettingsDep) -> LabelsetDetail:
     """Bring back the most recently deleted copy of a labelset from the trash (409 if the id is published again)."""
@@ -79,7 +79,7 @@ def _trashed(entry: store.TrashEntry) -> TrashedLabelset:
     return TrashedLabelset(**entry.model_dump(), restore=f"POST /v1/labelsets/{entry.labelset_id}:restore")
 
 
-@router.get("/{labelset_id}/labels/{image_id}", summary="Soft label of one image")
+@router.get("/{labelset_id:segment}/labels/{image_id}", summary="Soft label of one image")
 async def get_label(labelset_id: LabelsetId, image_id: ImageId, request: Request,
                     temperature: Temperature = None, top_k: TopK = None) -> LabelOut:
     """The teacher's soft label of training image `image_id` (dense, or its top-k)."""
@@ -94,7 +94,7 @@ async def get_label(labelset_id: LabelsetId, image_id: ImageId, request: Request
     return LabelOut(labelset_id=labelset_id, temperature=rows.temperature, **rows.as_json_rows()[0])
 
 
-@router.post("/{labelset_id}/labels:batch", summary="Soft labels of many images",
+@router.post("/{labelset_id:segment}/labels:batch", summary="Soft labels of many images",
              responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}},
                               "description": "JSON rows, or an npy float16 (n, C) array"},
                         **error_responses(413)})

@@ -32,13 +32,13 @@ def list_models(models: ModelsDep) -> ModelsPublic:
     return ModelsPublic(data=entries, count=len(entries))
 
 
-@router.get("/{model_id:path}", summary="Describe a model")
+@router.get("/{model_id:model_path}", summary="Describe a model")
 def describe_model(model_id: ModelId, models: ModelsDep) -> ModelPublic:
     """One model: role, architecture, classes, input size and metrics."""
     return _public(models.entry(model_id))
 
 
-@router.put("/{model_id:path}", summary="Upload a model", status_code=201, dependencies=[WriteKey],
+@router.put("/{model_id:model_path}", summary="Upload a model", status_code=201, dependencies=[WriteKey],
             responses=error_responses(409, 413))
 def upload_model(model_id: ModelId, file: Annotated[UploadFile, File(description="A model.pt from `ltd train`")],
                  models: ModelsDep, replace: Annotated[bool, Query(
@@ -52,8 +52,8 @@ def upload_model(model_id: ModelId, file: Annotated[UploadFile, File(description
     return _public(models.add(model_id, file.file.read(), replace=replace))
 
 
-@router.post("/{model_id:path}:predict", summary="Classify images", responses=error_responses(413))
-def predict(model_id: ModelId, files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
+@router.post("/{model_id:model_path}:predict", summary="Classify images", responses=error_responses(413))
+def predict(model_id: ModelId, files: Annotated[list[UploadFile], File(description="PNG or JPEG images", min_length=1)],
             models: ModelsDep, settings: SettingsDep, metrics: MetricsDep,
             top_k: Annotated[int, Query(ge=1, le=1000, description="Classes per image")] = 5) -> PredictOut:
     """Top-k classes with probabilities for each uploaded image, all images in one batched forward pass."""

@@ -154,12 +154,17 @@ def test_upload_publishes_a_model_that_predicts_and_refuses_bad_files(tmp_path, 
                                    (good + b"\0" * 2**20, 413, "payload_too_large")]:
             bad = client.put("/v1/models/imported/r2", files={"file": ("m.pt", body)}, headers=keyed)
             assert (bad.status_code, bad.json()["type"]) == (status, kind), bad.text
-        for unsafe in ("..%2Fescape", "run1/teacher", "a/b/c/d"):
+        for unsafe in ("..%2Fescape", "a/b/c/d", "a/b/c/d/teacher", ".hidden/teacher"):
             assert client.put(f"/v1/models/{unsafe}", files={"file": ("m.pt", good)},
                               headers=keyed).status_code == 422, unsafe
-    # refused uploads left no file behind: only the one good model exists
+        # '<run>/teacher' is that run's teacher.pt: the id an upload takes is the id it is served under
+        teacher = client.put("/v1/models/imported/r1/teacher", files={"file": ("t.pt", good)}, headers=keyed)
+        assert teacher.status_code == 201 and teacher.json()["id"] == "imported/r1/teacher"
+        assert client.post("/v1/models/imported/r1/teacher:predict",
+                           files=[("files", ("a.png", png))]).status_code == 200
+    # refused uploads left no file behind: only the good model, its previous version and the teacher exist
     assert sorted(p.relative_to(roots["runs"]).as_posix() for p in roots["runs"].rglob("*.pt")) == [
-        "imported/r1/model.previous.pt", "imported/r1/model.pt"]
+        "imported/r1/model.previous.pt", "imported/r1/model.pt", "imported/r1/teacher.pt"]
 
 
 def test_images_are_resized_as_the_models_eval_split_was(tmp_path):
