@@ -172,11 +172,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "metrics": metrics, "jobs": jobs_db, "runner": runner,
             "readers": ReaderCache(settings.store_root, settings.reader_cache_size, settings.reader_cache_mib),
             "models": ModelRegistry(settings.runs_root, settings.device, settings.model_cache_size,
-                                    settings.inference_threads),
+                                    settings.inference_threads, settings.predict_batching, settings.predict_max_batch,
+                                    settings.predict_max_wait_ms / 1000),
         }
         try:
             yield state
         finally:
+            state["models"].close()
             runner.stop()
             if runner.started_ray:
                 import ray

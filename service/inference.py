@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.batching import DynamicBatcher
 from service.errors import (ImageDecodeError, InvalidIdError, ModelExistsError, ModelFileError, ModelNotFoundError,
                             PayloadTooLargeError)
 
@@ -44,10 +45,14 @@ class ModelRegistry:
     SSD teacher saved beside the student. Ids are checked segment by segment, so no id reaches outside the root.
     """
 
-    def __init__(self, runs_root: Path, device: str = "auto", cache_size: int = 4, threads: int = 1):
+    def __init__(self, runs_root: Path, device: str = "auto", cache_size: int = 4, threads: int = 1,
+                 batching: bool = True, max_batch: int = 64, max_wait_s: float = 0.0):
         self.root = Path(runs_root)
         self.device = device
         self.threads = threads
+        self.batching, self.max_batch, self.max_wait_s = batching, max_batch, max_wait_s
+        self._batchers: dict[str, tuple[int, DynamicBatcher]] = {}  # model file -> (its mtime, batcher)
+        self._batch_lock = threading.Lock()
         self._spec = functools.lru_cache(maxsize=1024)(self._read_spec)
         self._model = functools.lru_cache(maxsize=cache_size)(self._load_model)
         self._add_lock = threading.Lock()
@@ -138,6 +143,38 @@ class ModelRegistry:
         path = self.resolve(model_id)
         return self._model(str(path), path.stat().st_mtime_ns)
 
+    def classify(self, model_id: str, images: list, k: int):
+        """Top-k (probabilities, class ids) of uint8 images; with batching, concurrent requests for the same model
+        file share forward passes (one worker per model), each getting back exactly its own rows."""
+        import torch
+
+        path = self.resolve(model_id)
+        key = (str(path), path.stat().st_mtime_ns)
+        model, spec = self._model(*key)
+        if not self.batching:
+            return classify(model, spec, images, k)
+        rows = self._batcher(key, model, spec)(images)
+        top = torch.stack(rows).topk(min(k, spec.num_classes), dim=1)
+        return top.values, top.indices
+
+    def _batcher(self, key: tuple[str, int], model, spec) -> DynamicBatcher:
+        with self._batch_lock:
+            mtime, batcher = self._batchers.get(key[0], (None, None))
+            if mtime != key[1]:  # new file, or replaced: the old worker finishes its queue and stops
+                if batcher is not None:
+                    threading.Thread(target=batcher.close, daemon=True).start()
+                batcher = DynamicBatcher(functools.partial(probabilities, model, spec), self.max_batch,
+                                         self.max_wait_s, name=f"predict {key[0]}")
+                self._batchers[key[0]] = (key[1], batcher)
+            return batcher
+
+    def close(self) -> None:
+        """Stop the batching workers (after the requests they hold)."""
+        with self._batch_lock:
+            batchers, self._batchers = self._batchers, {}
+        for _, batcher in batchers.values():
+            batcher.close()
+
     def _read_spec(self, path: str, mtime_ns: int):
         import torch
 
@@ -220,8 +257,8 @@ def to_model_input(image, spec):
     return tensor
 
 
-def classify(model, spec, images: list, k: int):
-    """Top-k (probabilities, class ids), each (N, k), of N uint8 (C, S, S) images, in forward passes on the device.
+def probabilities(model, spec, images: list):
+    """Class probabilities (N, C) of N uint8 (C, S, S) images, in forward passes of at most FORWARD_BATCH.
 
     Normalised exactly as in training (trainer.augment: to_float then per-channel mean/std).
     """
@@ -231,12 +268,15 @@ def classify(model, spec, images: list, k: int):
 
     device = next(model.parameters()).device
     batch = torch.stack(images)
-    k = min(k, spec.num_classes)
-    values, indices = [], []
+    out = []
     with torch.inference_mode():
         for start in range(0, len(batch), FORWARD_BATCH):
             x = normalize(to_float(batch[start:start + FORWARD_BATCH].to(device)), spec.mean, spec.std)
-            top = torch.softmax(model(x).float(), dim=1).topk(k, dim=1)
-            values.append(top.values.cpu())
-            indices.append(top.indices.cpu())
-    return torch.cat(values), torch.cat(indices)
+            out.append(torch.softmax(model(x).float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+def classify(model, spec, images: list, k: int):
+    """Top-k (probabilities, class ids), each (N, k), of N uint8 (C, S, S) images."""
+    top = probabilities(model, spec, images).topk(min(k, spec.num_classes), dim=1)
+    return top.values, top.indices

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         1, ge=1, description="torch intra-op threads on CPU: requests already run in parallel threads, and more "
                              "threads per forward oversubscribe the cores (measured: 50x slower on a busy 2-core host)")
 
+    predict_batching: bool = Field(True, description="Batch concurrent predict requests for the same model into "
+                                                     "shared forward passes (a dynamic batcher)")
+    predict_max_batch: int = Field(64, ge=1, description="Most images in one batched forward pass")
+    predict_max_wait_ms: float = Field(0.0, ge=0, le=1000, description="How long a batch waits for more requests "
+                                       "(0: never; requests that arrive during a forward pass form the next batch)")
+
     @property
     def jobs_db(self) -> Path:
         """The SQLite file of job records."""

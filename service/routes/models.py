@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Query, UploadFile
 
 from service.deps import MetricsDep, ModelId, ModelsDep, ReadKey, SettingsDep, WriteKey
 from service.errors import PayloadTooLargeError
-from service.inference import ModelEntry, classify, decode_image, to_model_input
+from service.inference import ModelEntry, decode_image, to_model_input
 from service.schemas import ClassProb, ModelPublic, ModelsPublic, Prediction, PredictOut, error_responses
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ReadKey],
@@ -59,14 +59,14 @@ def predict(model_id: ModelId, files: Annotated[list[UploadFile], File(descripti
     """Top-k classes with probabilities for each uploaded image, all images in one batched forward pass."""
     if len(files) > settings.max_upload_files:
         raise PayloadTooLargeError(f"{len(files)} files; at most {settings.max_upload_files} per request")
-    model, spec = models.load(model_id)
+    _, spec = models.load(model_id)
     start = time.perf_counter()
     names, images = [], []
     for i, upload in enumerate(files):
         name = upload.filename or f"file {i}"  # the whole body is already within LTD_MAX_UPLOAD_BYTES
         names.append(name)
         images.append(to_model_input(decode_image(upload.file.read(), name, settings.max_image_pixels), spec))
-    probs, classes = classify(model, spec, images, top_k)
+    probs, classes = models.classify(model_id, images, top_k)  # batched with concurrent requests (settings)
     metrics.inference_latency.labels(model_id).observe(time.perf_counter() - start)
     metrics.inference_images.labels(model_id).inc(len(images))
     data = [Prediction(file=name, top_k=[ClassProb(class_id=c, class_name=spec.class_names[c], prob=round(p, 6))
