@@ -87,7 +87,8 @@ ReadKey = Depends(require_read_key)
 # path parameters, described once for /docs. The id patterns are documented (json_schema_extra) but checked by the
 # store and the model registry with the same regex, so a malformed id gets their typed 422 rather than a generic one.
 LabelsetId = Annotated[str, Path(description="Labelset id, a folder name under the store root",
-                                  examples=["fmnist-ssd-t2"], json_schema_extra={"pattern": LABELSET_ID_PATTERN.pattern})]
+                                  examples=["fmnist-ssd-t2"],
+                                  json_schema_extra={"pattern": LABELSET_ID_PATTERN.pattern})]
 ImageId = Annotated[int, Path(description="Training image id: the row, 0..num_images-1", examples=[7])]
 ModelId = Annotated[str, Path(description="Run folder under the runs root ('<job id>'), or '<job id>/teacher'",
                               examples=["3f2a9c01d4e5"], json_schema_extra={"pattern": MODEL_ID_PATTERN.pattern})]

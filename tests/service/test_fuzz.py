@@ -43,8 +43,8 @@ def _roots(root: Path) -> dict:
 def _schemathesis(url: str, config: Path, *args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("schemathesis")
     command = [str(exe), "--config-file", str(config), "run", f"{url}/openapi.json", "--checks", "all",
-               "--max-examples", "20", "--seed", "0", "--workers", "1", "--phases", "examples,coverage,fuzzing,stateful",
-               *args]
+               "--max-examples", "20", "--seed", "0", "--workers", "1", "--generation-database", "none",
+               "--phases", "examples,coverage,fuzzing,stateful", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
