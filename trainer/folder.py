@@ -212,5 +212,7 @@ def write_skipped(data, out_dir: Path) -> Path | None:
     if not rows:
         path.unlink(missing_ok=True)  # a reused run folder must not keep the list of an earlier, broken scan
         return None
-    path.write_text(json.dumps({"count": len(rows), "files": rows}, indent=1))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole or absent, even with several ranks writing it at once
+    tmp.write_text(json.dumps({"count": len(rows), "files": rows}, indent=1))
+    os.replace(tmp, path)
     return path

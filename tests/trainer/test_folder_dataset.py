@@ -211,3 +211,21 @@ def test_ltd_data_inspect_prints_the_counts_and_writes_the_curve(tmp_path):
     summary = json.loads(result.output)
     assert summary["shot_groups"] == {"many": 1, "medium": 1, "few": 1} and summary["images"] == 139
     assert CliRunner().invoke(app, ["data", "inspect", str(tmp_path / "nowhere")]).exit_code == 2
+
+
+def test_evaluation_folders(tmp_path):
+    """val/ alone is the test split; val/ and test/ together are the validation and the test split; an evaluation
+    class the training split lacks, or a root without train/, is an error that says what layout is expected."""
+    root = _folder(tmp_path / "a", {"x": 2, "y": 2}, val={"x": 1, "y": 2})
+    data = load_dataset(_folder_cfg(root).data)
+    assert data.val is None and data.test.paths == ("x/000.jpg", "y/000.jpg", "y/001.jpg")
+    for cls in ("x", "y"):
+        _image(root / "test" / cls / "t.png")
+    data = load_dataset(_folder_cfg(root).data)
+    assert data.test.paths == ("x/t.png", "y/t.png") and data.test.root == root / "test"
+    assert data.val.paths == ("x/000.jpg", "y/000.jpg", "y/001.jpg") and data.val.root == root / "val"
+    _image(root / "test" / "stranger" / "s.jpg")
+    with pytest.raises(ValueError, match="stranger"):
+        load_dataset(_folder_cfg(root).data)
+    with pytest.raises(ValueError, match="ImageFolder layout"):
+        load_dataset(_folder_cfg(tmp_path / "nothing").data)
