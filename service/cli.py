@@ -20,6 +20,7 @@ app = typer.Typer(help="Long-tailed recognition with SSD soft-label distillation
 log = logging.getLogger("ltd")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO_BAND = CONFIGS.parent / "bench" / "results" / "accuracy_embedded_nhwc-cpu.json"  # the demo configs, 10 seeds
 TABLES = {  # reproduction tables: config folder, methods, imbalance factors
     "cifar100_lt": ("cifar100_lt", ("ce", "lws", "ssd"), (100, 50, 10)),
     "cifar10_lt": ("cifar10_lt", ("ce", "lws", "ssd"), (100, 50, 10)),
@@ -423,7 +424,7 @@ def demo(
     SSD teacher's soft labels published to a store and served with the student on 127.0.0.1."""
     from store import LabelsetReader, StoreError
     from trainer.datasets import load_dataset
-    from trainer.report import format_table
+    from trainer.report import band_lines, format_table, reference_band
     from trainer.workers import generate_labelset, init_ray
 
     _setup_logging()
@@ -432,7 +433,12 @@ def demo(
     cfgs = [load_config(CONFIGS / "embedded" / f"{m}.yaml", [f"out_dir={out_root / m}", shared])
             for m in ("ce", "lws", "ssd")]
     reports = _run(cfgs, ray, address)
-    typer.echo("\n" + format_table([_row(r) for r in reports]))
+    rows = [_row(r) for r in reports]
+    typer.echo("\n" + format_table(rows))
+    if DEMO_BAND.exists():  # one seed against the 10-seed spread of the same configs
+        typer.echo(f"\nthis run against the reference band ({DEMO_BAND.relative_to(CONFIGS.parent)}, mean ± 2 std):")
+        for line in band_lines(rows, reference_band(DEMO_BAND)):
+            typer.echo("  " + line)
     typer.echo(f"\ndataset: {reports[0]['dataset']}-LT, class sizes {reports[0]['class_counts']}")
     for cfg in cfgs:
         typer.echo(f"wrote {cfg.out_dir}/: metrics.json model.pt per_class_accuracy.png label_distributions.png")

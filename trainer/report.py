@@ -29,6 +29,26 @@ def aggregate(reports: list[dict], stage: str = "final") -> dict:
     return row
 
 
+def reference_band(path: Path) -> dict[str, dict]:
+    """{method: row} of a multi-seed results file: where a single run of the same recipe should land."""
+    return {row["method"]: row for row in json.loads(Path(path).read_text())["rows"] if row.get("overall_std")}
+
+
+def band_lines(rows: list[dict], band: dict[str, dict], width: float = 2.0) -> list[str]:
+    """One line per run: its overall accuracy beside the reference mean ± std, and whether it lies within
+    mean ± width·std (2: where about 95 % of seeds fall, so one seed outside it is worth a look)."""
+    lines = []
+    for row in rows:
+        ref = band.get(row["method"])
+        if ref is None:
+            continue
+        low, high = ref["overall"] - width * ref["overall_std"], ref["overall"] + width * ref["overall_std"]
+        verdict = "inside" if low <= row["overall"] <= high else "OUTSIDE"
+        lines.append(f"{row['method']:<6} {row['overall']:6.2f}   reference {ref['overall']:.2f} ± "
+                     f"{ref['overall_std']:.2f} over {len(ref['seeds'])} seeds: {verdict} [{low:.1f}, {high:.1f}]")
+    return lines
+
+
 def format_table(rows: list[dict], keys=("method", "imbalance_factor")) -> str:
     """Fixed-width text table: one line per row, 'mean ± std' per group, '-' for an empty group."""
 

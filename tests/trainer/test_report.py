@@ -33,3 +33,22 @@ def test_results_file_format(tmp_path):
     assert path.name == "accuracy_x-cpu.json"
     assert {"benchmark", "date", "git_commit", "machine", "command", "rows"} <= set(doc)
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["gpu"] is None and doc["rows"] == [{"method": "ce"}]
+
+
+def test_a_run_is_placed_against_the_reference_band(tmp_path):
+    import json
+
+    from trainer.report import band_lines, reference_band
+
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps({"rows": [
+        {"method": "ce", "overall": 67.6, "overall_std": 1.5, "seeds": list(range(10))},
+        {"method": "ssd", "overall": 77.7, "overall_std": 1.0, "seeds": list(range(10))},
+        {"method": "ssd_views", "overall": 77.8, "overall_std": None, "seeds": [0]}]}))
+    band = reference_band(path)
+    assert set(band) == {"ce", "ssd"}  # a row without a spread is no band
+    lines = band_lines([{"method": "ce", "overall": 64.7}, {"method": "ssd", "overall": 75.6},
+                        {"method": "lws", "overall": 76.0}], band)
+    assert len(lines) == 2  # no reference for lws: no line
+    assert "inside [64.6, 70.6]" in lines[0] and "10 seeds" in lines[0]
+    assert "OUTSIDE [75.7, 79.7]" in lines[1]
