@@ -231,7 +231,10 @@ def workloads(args) -> list[tuple[str, int, dict[str, list[bytes]]]]:
     n = args.predict_requests
     out += [("predict", c, {"ours": [encode("POST", f"/v1/models/{MODEL}:predict", body, headers)] * n,
                             "baseline": [encode("POST", "/predict", body, headers)] * n}) for c in (1, 4)]
-    return out
+    # one image per request: the dynamic batcher against the same service with batching off
+    ones = [encode("POST", f"/v1/models/{MODEL}:predict", *_png_batch(1, 3 + i)) for i in range(args.single_predicts)]
+    out += [("predict1", c, {"ours": ones, "unbatched": ones}) for c in (1, 16)]
+    return [w for w in out if not args.only or w[0] in args.only]
 
 
 def run(args) -> list[dict]:
@@ -241,8 +244,9 @@ def run(args) -> list[dict]:
         prepare(Path(tmp), args.images, args.classes)
         env = {"LTD_STORE_ROOT": f"{tmp}/store", "LTD_RUNS_ROOT": f"{tmp}/runs", "BENCH_CLASSES": str(args.classes),
                "BENCH_BATCH_IDS": str(args.batch_ids)}
-        with server("service_bench:ours_app", env) as ours, server("service_bench:baseline_app", env) as baseline:
-            ports = {"ours": ours, "def": ours, "offload": ours, "baseline": baseline}
+        with (server("service_bench:ours_app", env) as ours, server("service_bench:baseline_app", env) as baseline,
+              server("service_bench:ours_app", {**env, "LTD_PREDICT_BATCHING": "false"}) as unbatched):
+            ports = {"ours": ours, "def": ours, "offload": ours, "baseline": baseline, "unbatched": unbatched}
             results: dict = {}
             for kind, c, sides in workloads(args):
                 log.info("%s at concurrency %d", kind, c)
@@ -259,9 +263,16 @@ def rows_from(results: dict, args) -> list[dict]:
     endpoints = {"single": "GET /v1/labelsets/{id}/labels/{image_id}",
                  "batch_json": f"POST /v1/labelsets/{{id}}/labels:batch ({args.batch_ids} ids, JSON)",
                  "batch_npy": f"POST /v1/labelsets/{{id}}/labels:batch ({args.batch_ids} ids, npy float16)",
-                 "predict": f"POST /v1/models/{{id}}:predict ({args.predict_images} PNG 32x32, ResNet-32)"}
+                 "predict": f"POST /v1/models/{{id}}:predict ({args.predict_images} PNG 32x32, ResNet-32)",
+                 "predict1": "POST /v1/models/{id}:predict (1 image)"}
     rows = []
     for (name, kind, c), ours in results.items():
+        if kind == "predict1" and name in ("ours", "unbatched"):
+            other = results["unbatched" if name == "ours" else "ours", kind, c]
+            rows.append({"endpoint": endpoints[kind], "concurrency": c, "batching": name == "ours", **ours,
+                         "images_s": ours["rps"], "ratio_vs_other": round(ours["rps"] / other["rps"], 3),
+                         "image": "PNG 32x32", "arch": "resnet32", "rounds": args.rounds})
+            continue
         if name != "ours":
             continue
         base = results["baseline", kind, c]
@@ -291,19 +302,35 @@ def main() -> None:
     parser.add_argument("--batch-requests", type=int, default=60)
     parser.add_argument("--predict-images", type=int, default=16)
     parser.add_argument("--predict-requests", type=int, default=40)
+    parser.add_argument("--single-predicts", type=int, default=400, help="One-image predict requests per level")
     parser.add_argument("--rounds", type=int, default=3, help="Alternations of ours and the baseline per workload")
+    parser.add_argument("--only", type=lambda s: s.split(","), default=None,
+                        help="Comma-separated workloads (single, batch_json, batch_npy, predict, predict1); the "
+                             "results file keeps the other workloads' earlier rows")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from trainer.report import write_results
 
     rows = run(args)
+    if args.only:  # keep the earlier rows of the workloads not re-measured, marked with their own date
+        import json
+
+        from trainer.report import device_tag
+
+        path = args.out / f"service-{device_tag()}.json"
+        if path.exists():
+            earlier = json.loads(path.read_text())
+            measured = {r["endpoint"] for r in rows}
+            rows += [{**r, "measured": r.get("measured", earlier["date"])} for r in earlier["rows"]
+                     if r["endpoint"] not in measured]
     command = "python bench/service_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = write_results("service", rows, command, args.out)
     for row in rows:
-        log.info("%s c=%d p50 %.2f ms p99 %.2f ms %.0f rps | baseline p99 %.2f ms %.0f rps", row["endpoint"],
-                 row["concurrency"], row["p50_ms"], row["p99_ms"], row["rps"], row["baseline_p99_ms"],
-                 row["baseline_rps"])
+        against = (f"baseline p99 {row['baseline_p99_ms']:.2f} ms {row['baseline_rps']:.0f} rps"
+                   if "baseline_rps" in row else f"batching={row.get('batching')} x{row.get('ratio_vs_other')}")
+        log.info("%s c=%d p50 %.2f ms p99 %.2f ms %.0f rps | %s", row["endpoint"], row["concurrency"], row["p50_ms"],
+                 row["p99_ms"], row["rps"], against)
     log.info("wrote %s", path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -26,19 +27,49 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[Batch, float], tuple[torch.Tensor, dict[str, float]]]
 
 
+class LineProgress:
+    """The part of tqdm the engine uses, as one plain line per update: for logs, CI and job logs, where a redrawn bar
+    leaves carriage-return debris."""
+
+    def __init__(self, desc: str, total: int, done: int, unit: str):
+        self.desc, self.total, self.n, self.unit = desc, total, done, unit
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        print(f"{self.desc} [{self.n}/{self.total} {self.unit}]", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_mode() -> str:
+    """'bar' on a terminal, 'lines' elsewhere; LTD_PROGRESS overrides ('ray': Ray workers whose driver has a
+    terminal draw through tqdm_ray, one bar per run on the driver)."""
+    mode = os.environ.get("LTD_PROGRESS")
+    if mode in ("bar", "lines", "ray"):
+        return mode
+    return "bar" if sys.stderr.isatty() else "lines"
+
+
 def progress_bar(desc: str, total: int, done: int, unit: str):
-    """tqdm in a terminal; Ray's tqdm_ray inside Ray workers, which draws one bar per worker on the driver.
+    """A progress bar in the form `progress_mode` picks.
 
     Data-parallel ranks train in lockstep, so only rank 0 draws: one bar per run, not one per worker.
     """
     if not is_primary():
         return tqdm(total=total, initial=done, disable=True)
-    if os.environ.get("LTD_PROGRESS") == "ray":
+    mode = progress_mode()
+    if mode == "ray":
         from ray.experimental.tqdm_ray import tqdm as tqdm_ray
 
         bar = tqdm_ray(desc=desc, total=total, unit=unit)
         bar.update(done)
         return bar
+    if mode == "lines":
+        return LineProgress(desc, total, done, unit)
     return tqdm(desc=desc, total=total, initial=done, unit=unit, dynamic_ncols=True, mininterval=1.0)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import ray
 
 from trainer.config import RunConfig
+from trainer.engine import progress_bar, progress_mode
 from trainer.stages import RunsFailedError, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,19 @@ def _settled(refs: list) -> None:
     ray.wait(refs, num_returns=len(refs))
 
 
-def _run_pipeline_task(cfg_dict: dict, *after: None) -> dict:
-    """Validate the config again on arrival (it crossed a process boundary), then run in this worker. `after`: the
-    runs this one waits for, `_settled` (Ray starts the task once they have ended); unused."""
+def worker_progress() -> str:
+    """How Ray workers show progress, chosen on the driver: bars drawn on its terminal (tqdm_ray), else plain lines
+    (forwarded to a log or CI without carriage-return debris)."""
+    return "ray" if progress_mode() in ("bar", "ray") else "lines"
+
+
+def _run_pipeline_task(cfg_dict: dict, progress: str, *after: None) -> dict:
+    """Validate the config again on arrival (it crossed a process boundary), then run in this worker. `progress`:
+    the driver's `worker_progress()`. `after`: the runs this one waits for, `_settled` (Ray starts the task once
+    they have ended); unused."""
     import torch
 
-    os.environ["LTD_PROGRESS"] = "ray"  # progress bars drawn on the driver, one per worker
+    os.environ["LTD_PROGRESS"] = progress
     context = ray.get_runtime_context()
     assigned = context.get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
@@ -86,7 +94,7 @@ def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1, runs_per_gpu: int
     refs: dict[int, ray.ObjectRef] = {}
     for cfg, first in zip(single, first_with_same_stage1(single)):  # a run sharing a stage I waits for its trainer
         after = [_settled.remote([refs[id(single[first])]])] if first is not None else []
-        refs[id(cfg)] = task.remote(_absolute_paths(cfg).model_dump(mode="json"), *after)
+        refs[id(cfg)] = task.remote(_absolute_paths(cfg).model_dump(mode="json"), worker_progress(), *after)
     reports = {id(cfg): train_distributed(cfg) for cfg in cfgs if cfg.distributed.num_workers > 1}
     failed = []
     for cfg in single:
@@ -139,7 +147,6 @@ def generate_labelset(teacher_path: Path, cfg: RunConfig, store_root: Path, labe
     overlapping one actor's writes with another's teacher pass keeps the GPU busy.
     `exit_after_chunks` makes the first worker die (os._exit) after that many chunks: the tests' injected failure.
     """
-    from tqdm.auto import tqdm
 
     from store import LabelsetSpec, LabelsetWriter
     from trainer.datasets import load_dataset
@@ -172,8 +179,8 @@ def generate_labelset(teacher_path: Path, cfg: RunConfig, store_root: Path, labe
     node_of = dict(zip(actors, ray.get([actor.node_id.remote() for actor in actors])))
     chunks_per_node: dict[str, int] = {}
     pending = {actor.write.remote(queue.pop(0)): actor for actor in actors if queue}
-    bar = tqdm(total=writer.num_chunks, initial=writer.num_chunks - len(queue) - len(pending),
-               desc=f"labels {labelset_id}", unit="chunk", dynamic_ncols=True)
+    bar = progress_bar(f"labels {labelset_id}", writer.num_chunks, writer.num_chunks - len(queue) - len(pending),
+                       "chunk")
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -282,7 +289,7 @@ def _train_loop_per_worker(config: dict) -> None:
 
     cfg = RunConfig.model_validate(config["cfg"])  # crossed a process boundary: validate again
     rank = ray.train.get_context().get_world_rank()
-    os.environ["LTD_PROGRESS"] = "ray"
+    os.environ["LTD_PROGRESS"] = config["progress"]
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
     if config["use_gpu"]:
         torch.cuda.set_device(ray.train.torch.get_device())  # "cuda" in the run config now means this rank's GPU
@@ -346,6 +353,7 @@ def train_distributed(cfg: RunConfig, labelset: tuple[str, str] | None = None, *
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu, "fault": fault,
+                           "progress": worker_progress(),
                            "labelset": [str(Path(labelset[0]).resolve()), labelset[1]] if labelset else None},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=d.placement),

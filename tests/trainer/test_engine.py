@@ -278,3 +278,22 @@ class Window:
 
     def realize(self, draw):
         return self.batches.realize(draw)
+
+def test_progress_off_a_terminal_is_plain_lines(monkeypatch, capsys):
+    """Logs, CI and job logs get one line per update, no carriage returns; LTD_PROGRESS overrides the choice."""
+    from trainer.engine import LineProgress, progress_bar, progress_mode
+    from trainer.workers import worker_progress
+
+    monkeypatch.delenv("LTD_PROGRESS", raising=False)
+    assert progress_mode() == "lines" and worker_progress() == "lines"  # pytest's stderr is not a terminal
+    bar = progress_bar("stage I", 3, 1, "ep")
+    assert isinstance(bar, LineProgress)
+    bar.set_description("stage I loss 0.512 900 img/s")
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == ["stage I loss 0.512 900 img/s [2/3 ep]",
+                                                    "stage I loss 0.512 900 img/s [3/3 ep]"]
+    monkeypatch.setenv("LTD_PROGRESS", "bar")
+    assert progress_mode() == "bar" and worker_progress() == "ray"
