@@ -29,7 +29,6 @@ class DynamicBatcher:
             raise ValueError("max_batch must be at least 1")
         self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.batch_sizes: list[int] = []  # items per call, recent first-in order (bounded): what batching achieved
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -75,7 +74,6 @@ class DynamicBatcher:
                 for _, done in batch:
                     done.set_exception(err)
                 continue
-            self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
             start = 0
             for request, done in batch:
                 done.set_result(list(results[start:start + len(request)]))

@@ -53,7 +53,8 @@ def upload_model(model_id: ModelId, file: Annotated[UploadFile, File(description
 
 
 @router.post("/{model_id:model_path}:predict", summary="Classify images", responses=error_responses(413))
-def predict(model_id: ModelId, files: Annotated[list[UploadFile], File(description="PNG or JPEG images", min_length=1)],
+def predict(model_id: ModelId,
+            files: Annotated[list[UploadFile], File(description="PNG or JPEG images", min_length=1)],
             models: ModelsDep, settings: SettingsDep, metrics: MetricsDep,
             top_k: Annotated[int, Query(ge=1, le=1000, description="Classes per image")] = 5) -> PredictOut:
     """Top-k classes with probabilities for each uploaded image, all images in one batched forward pass."""
