@@ -77,7 +77,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")  # set by the router once a route matched
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path_format", None) or "unmatched"  # {id}, without its convertor
             self.metrics.observe_request(scope["method"], template, status, time.perf_counter() - start)
             if is_mutation(scope["method"], template):
                 audit(scope, template, status)

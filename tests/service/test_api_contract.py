@@ -42,11 +42,14 @@ def _operations():
         for method, op in ops.items():
             names = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
             fixed = [None] + [{k: v for k, v in KNOWN.items() if k in names}] * bool(names & set(KNOWN))
-            modes = ["positive"]
-            if op.get("requestBody") or any(_can_be_invalid(p["schema"]) for p in op.get("parameters", [])):
-                modes.append("negative")
-            out += [(method.upper(), path, mode, ids) for mode in modes for ids in fixed
-                    if not (ids and method == "delete")]
+            for ids in fixed:
+                if ids and method == "delete":
+                    continue
+                # negative mode needs an input left to break: a fixed id (the fixture's own) is not one
+                free = [p for p in op.get("parameters", []) if p["name"] not in (ids or {})]
+                modes = ["positive"] + ["negative"] * bool(op.get("requestBody")
+                                                           or any(_can_be_invalid(p["schema"]) for p in free))
+                out += [(method.upper(), path, mode, ids) for mode in modes]
     return out
 
 
