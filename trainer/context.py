@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,20 @@ class RunContext:
                          class_names=[str(c) for c in data.class_names], mean=list(data.mean),
                          std=list(data.std), image_size=size, role=role, method=self.cfg.method,
                          fingerprint=data.fingerprint, metrics=metrics or {})
+
+
+_GLOBAL_RNG = threading.RLock()
+
+
+@contextmanager
+def seeded(seed: int):
+    """torch's global RNG seeded with `seed` inside the block (module constructors draw their initial weights from
+    it) and restored after it, under a process-wide lock: runs training in threads (trainer/packing.py) then each
+    initialise exactly as they would alone. Nothing else in training reads the global CPU RNG (augmentation,
+    samplers, MoCo and the SEQL loss take generators), so holding the lock only around initialisation suffices."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # also seeds the CUDA generators, as it did before runs shared a process
+        yield
 
 
 def resolve_device(name: str) -> torch.device:

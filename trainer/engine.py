@@ -6,9 +6,11 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -25,6 +27,10 @@ from trainer.graphs import GraphedStep
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Batch, float], tuple[torch.Tensor, dict[str, float]]]
+
+# The run this thread trains, when several runs share the process (trainer/packing.py): progress lines and log
+# records carry it, so interleaved output still says which run it belongs to.
+RUN_LABEL: ContextVar[str | None] = ContextVar("ltd_run_label", default=None)
 
 
 class LineProgress:
@@ -54,6 +60,12 @@ def progress_mode() -> str:
     return "bar" if sys.stderr.isatty() else "lines"
 
 
+def labelled(desc: str) -> str:
+    """`desc` after the name of the run this thread trains, when runs share the process."""
+    label = RUN_LABEL.get()
+    return desc if label is None else f"{label} {desc}"
+
+
 def progress_bar(desc: str, total: int, done: int, unit: str):
     """A progress bar in the form `progress_mode` picks.
 
@@ -61,6 +73,7 @@ def progress_bar(desc: str, total: int, done: int, unit: str):
     """
     if not is_primary():
         return tqdm(total=total, initial=done, disable=True)
+    desc = labelled(desc)
     mode = progress_mode()
     if mode == "ray":
         from ray.experimental.tqdm_ray import tqdm as tqdm_ray
@@ -101,16 +114,29 @@ def begin_compiled_step(mode: str) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+_autotuning = {"lock": threading.Lock(), "inside": 0, "before": False}
+
+
 @contextmanager
 def cudnn_autotuning(enabled: bool):
     """cuDNN's benchmark mode inside the block, the caller's setting restored after it. (torch.backends.cudnn.flags
-    would also reset the other cuDNN flags to its own defaults.)"""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
+    would also reset the other cuDNN flags to its own defaults.)
+
+    The flag is process-wide: with runs training in threads (trainer/packing.py) the first block in sets it and the
+    last one out restores it, so one run ending does not switch it under another still training.
+    """
+    with _autotuning["lock"]:
+        if _autotuning["inside"] == 0:
+            _autotuning["before"] = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = enabled
+        _autotuning["inside"] += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = before
+        with _autotuning["lock"]:
+            _autotuning["inside"] -= 1
+            if _autotuning["inside"] == 0:
+                torch.backends.cudnn.benchmark = _autotuning["before"]
 
 
 def fit(
@@ -215,7 +241,7 @@ def fit(
             if on_epoch_end is not None:
                 record.update(on_epoch_end(epoch))
             history.append(record)
-            bar.set_description(f"stage {stage} loss {record['loss']:.3f} {record['img_s']:.0f} img/s")
+            bar.set_description(labelled(f"stage {stage}") + f" loss {record['loss']:.3f} {record['img_s']:.0f} img/s")
             bar.update(1)
             log.debug("stage %s %s", stage, record)
             if is_primary():

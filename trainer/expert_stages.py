@@ -36,7 +36,7 @@ from trainer.experts import (
 from trainer.losses import build_loss, kd_per_image
 from trainer.metrics import summarize
 from trainer.models import Classifier, build_classifier
-from trainer.context import RunContext, evaluate, headline
+from trainer.context import RunContext, evaluate, headline, seeded
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,10 @@ def train_bbn(ctx: RunContext, report: dict) -> BBNNet:
     """BBN: conventional branch on instance-sampled batches, re-balancing branch on reversed-sampled ones
     (p_j ∝ 1/n_j), features mixed by α = 1 − (T/T_max)² and the loss by the same α; α = 0.5 at test."""
     cfg, data = ctx.cfg, ctx.data
-    torch.manual_seed(cfg.seed)
-    net = BBNNet(cfg.model.arch, data.in_channels, data.num_classes, cfg.experts.share or "all_but_last_block")
+    with seeded(cfg.seed):
+        net = BBNNet(cfg.model.arch, data.in_channels, data.num_classes, cfg.experts.share or "all_but_last_block")
     net.to(ctx.device)
-    criterion = build_loss(cfg.stage1.loss, torch.as_tensor(data.class_counts)).to(ctx.device)
+    criterion = build_loss(cfg.stage1.loss, torch.as_tensor(data.class_counts), ctx.generator(6)).to(ctx.device)
     size = cfg.stage1.optim.batch_size
     batches = PairedBatches(ctx.batches(data.train, train=True, batch_size=size, sampler=cfg.stage1.sampler),
                             ctx.batches(data.train, train=True, batch_size=size, sampler="reversed"))
@@ -121,10 +121,10 @@ def train_bbn(ctx: RunContext, report: dict) -> BBNNet:
 def _expert_net(ctx: RunContext, share: str, router: dict | None = None) -> MultiExpertNet:
     cfg, data = ctx.cfg, ctx.data
     cosine = cfg.stage1.loss.name == "ldam"  # LDAM's cosine head, scaled by s in the output as RIDE does
-    torch.manual_seed(cfg.seed)
-    net = MultiExpertNet(cfg.model.arch, data.in_channels, data.num_classes, cfg.experts.n_experts,
-                         cfg.experts.share or share, "cosine" if cosine else "linear",
-                         cfg.stage1.loss.ldam_scale if cosine else 1.0, router)
+    with seeded(cfg.seed):
+        net = MultiExpertNet(cfg.model.arch, data.in_channels, data.num_classes, cfg.experts.n_experts,
+                             cfg.experts.share or share, "cosine" if cosine else "linear",
+                             cfg.stage1.loss.ldam_scale if cosine else 1.0, router)
     return net.to(ctx.device)
 
 
@@ -135,7 +135,7 @@ def train_ride(ctx: RunContext, report: dict) -> MultiExpertNet:
     router = {"top_k": ex.router_top_k, "hidden": ex.router_hidden} if ex.router else None
     net = _expert_net(ctx, "first_stage", router)
     net.threshold = ex.router_threshold
-    criterion = build_loss(cfg.stage1.loss, torch.as_tensor(data.class_counts)).to(ctx.device)
+    criterion = build_loss(cfg.stage1.loss, torch.as_tensor(data.class_counts), ctx.generator(6)).to(ctx.device)
     drw = cfg.stage1.loss.drw_start
     temps = {flag: diversity_temperature(data.class_counts, ex.diversity_temperature, ex.diversity_reweight_factor,
                                          flag).to(ctx.device) for flag in (False, True)}
@@ -221,7 +221,7 @@ def train_independent_experts(ctx: RunContext, report: dict) -> MultiExpertNet:
     averages their logits. Reports each expert, the average, and their disagreement counts."""
     cfg, data = ctx.cfg, ctx.data
     net = _expert_net(ctx, "none")
-    criterion = build_loss(cfg.stage1.loss, torch.as_tensor(data.class_counts)).to(ctx.device)
+    criterion = build_loss(cfg.stage1.loss, torch.as_tensor(data.class_counts), ctx.generator(6)).to(ctx.device)
     for i in range(net.n_experts):
         view = ExpertView(net, i)
 
@@ -285,10 +285,11 @@ def train_lfme(ctx: RunContext, report: dict) -> Classifier:
     check = data.val if data.val is not None else data.train
     experts, expert_acc, expert_test = [], [], []
     for k, classes in enumerate(groups):
-        torch.manual_seed(cfg.seed * 100 + 20 + k)
-        expert = build_classifier(cfg.model.arch, data.in_channels, len(classes)).to(ctx.device)
+        with seeded(cfg.seed * 100 + 20 + k):
+            expert = build_classifier(cfg.model.arch, data.in_channels, len(classes)).to(ctx.device)
         part = subset(data.train, classes)
-        criterion = build_loss(cfg.stage1.loss, torch.bincount(part.labels, minlength=len(classes))).to(ctx.device)
+        counts = torch.bincount(part.labels, minlength=len(classes))
+        criterion = build_loss(cfg.stage1.loss, counts, ctx.generator(30 + k)).to(ctx.device)
 
         def loss_fn(batch, progress, expert=expert, criterion=criterion):
             return criterion(expert(batch.images), batch.labels, progress), {}
@@ -315,8 +316,8 @@ def train_lfme(ctx: RunContext, report: dict) -> Classifier:
     group_of, slot = group_of.to(ctx.device), slot.to(ctx.device)
     class_lists = [torch.as_tensor(c, device=ctx.device) for c in groups]
 
-    torch.manual_seed(cfg.seed + 3)
-    student = build_classifier(cfg.model.arch, data.in_channels, data.num_classes).to(ctx.device)
+    with seeded(cfg.seed + 3):
+        student = build_classifier(cfg.model.arch, data.in_channels, data.num_classes).to(ctx.device)
     state = LFMEStudent(student, experts, expert_acc).to(ctx.device)
     s3 = cfg.stage3
 

@@ -80,7 +80,9 @@ class GraphedStep:
             self.static = dataclasses.replace(batch, **{k: v.clone() for k, v in _tensor_fields(batch).items()})
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, stream=self._side_stream()):
+                # thread_local: runs training in other threads of this process (trainer/packing.py) keep
+                # allocating and syncing on their own streams while this one captures.
+                with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
                     loss, parts = self.step(self.static, progress)
                 # Replays rewrite the loss in place; detached, it no longer keeps the captured autograd graph (and
                 # its side-stream AccumulateGrad nodes) alive into the next eager step on the default stream.

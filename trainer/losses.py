@@ -109,14 +109,16 @@ def softmax_eql_loss(
     gamma: float,
     drop: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """−log(e^{z_y} / Σ_k w̃_k e^{z_k}), w̃_k = 1 − β T_λ(f_k)(1 − y_k), β ~ Bernoulli(γ) (SEQL, Tan et al. eq. 8).
 
-    β is drawn per image and class (as the reference implementation does) unless `drop` (N, C bool) gives it;
-    a dropped class leaves the denominator, so it receives no negative gradient from that image.
+    β is drawn per image and class (as the reference implementation does) from `generator` (on the logits' device;
+    None: torch's global RNG) unless `drop` (N, C bool) gives it; a dropped class leaves the denominator, so it
+    receives no negative gradient from that image.
     """
     if drop is None:
-        drop = torch.rand(logits.shape, device=logits.device) < gamma
+        drop = torch.rand(logits.shape, device=logits.device, generator=generator) < gamma
     onehot = F.one_hot(targets.long(), logits.shape[1]).bool()
     removed = drop.to(onehot.device) & tail.to(onehot.device).unsqueeze(0) & ~onehot
     return F.cross_entropy(logits.masked_fill(removed, float("-inf")), targets,
@@ -153,6 +155,7 @@ class LongTailLoss(nn.Module):
         eql_variant: str = "softmax",
         eql_lambda: float = 5e-3,
         eql_gamma: float = 0.9,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         if name not in LOSS_NAMES:
@@ -163,6 +166,7 @@ class LongTailLoss(nn.Module):
         self.drw_start = drw_start
         self.tau = 1.0 if name == "balanced_softmax" else logit_adjust_tau
         self.eql_variant, self.eql_gamma = eql_variant, eql_gamma
+        self.generator = generator  # SEQL's draws: a run's own, so runs sharing a process draw as they would alone
         # Non-persistent buffers: they follow .to(device) but stay out of model checkpoints.
         self.register_buffer("cb_weights", effective_number_weights(class_counts, cb_beta), persistent=False)
         self.register_buffer("margins", ldam_margins(class_counts, ldam_max_margin), persistent=False)
@@ -187,7 +191,10 @@ class LongTailLoss(nn.Module):
         if self.name == "eql":
             if self.eql_variant == "sigmoid":
                 return sigmoid_eql_loss(logits, targets, self.eql_tail)
-            return softmax_eql_loss(logits, targets, self.eql_tail, self.eql_gamma, weight=weight)
+            # A CPU generator cannot draw CUDA tensors; on a GPU the draws come from the global CUDA RNG, which CUDA
+            # graphs know how to replay.
+            own = self.generator if self.generator is not None and self.generator.device == logits.device else None
+            return softmax_eql_loss(logits, targets, self.eql_tail, self.eql_gamma, weight=weight, generator=own)
         if self.name in ("balanced_softmax", "logit_adjust"):
             # Same as logit_adjusted_loss, with log π kept as a buffer so it is not rebuilt every step.
             return F.cross_entropy(logits + self.tau * self.log_prior.to(logits), targets, weight=weight)
@@ -197,8 +204,9 @@ class LongTailLoss(nn.Module):
         return f"name={self.name!r}, drw_start={self.drw_start}"
 
 
-def build_loss(cfg: LossConfig, class_counts: Counts) -> LongTailLoss:
-    """The stage-I loss named by `cfg.name`, set up from the training split's (C,) class counts."""
+def build_loss(cfg: LossConfig, class_counts: Counts, generator: torch.Generator | None = None) -> LongTailLoss:
+    """The stage-I loss named by `cfg.name`, set up from the training split's (C,) class counts; `generator` feeds
+    SEQL's random class drops."""
     return LongTailLoss(
         cfg.name,
         class_counts,
@@ -211,4 +219,5 @@ def build_loss(cfg: LossConfig, class_counts: Counts) -> LongTailLoss:
         eql_variant=cfg.eql_variant,
         eql_lambda=cfg.eql_lambda,
         eql_gamma=cfg.eql_gamma,
+        generator=generator,
     )

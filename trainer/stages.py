@@ -28,7 +28,7 @@ from trainer.models import Classifier, TwoHeadStudent, build_backbone, build_cla
 from trainer.moco import MoCo
 from trainer.export import save_model
 from trainer.labels import sample_views, teacher_logits_block
-from trainer.context import RunContext, evaluate, headline, periodic_eval, prepare
+from trainer.context import RunContext, evaluate, headline, periodic_eval, prepare, seeded
 from trainer.soft_targets import (InMemorySoftLabels, InMemoryViewLabels, OnlineTargets, SoftLabelSource,
                                   TableTargets, ViewTargets)
 
@@ -41,17 +41,18 @@ def stage1_objective(ctx: RunContext) -> tuple[nn.ModuleDict, LossFn]:
     Apart from train_stage1 so the throughput benchmark times exactly this step.
     """
     cfg, data = ctx.cfg.stage1, ctx.data
-    torch.manual_seed(ctx.cfg.seed)
-    model = build_classifier(ctx.cfg.model.arch, data.in_channels, data.num_classes, cosine_head=cfg.loss.name == "ldam")
     use_moco = ctx.cfg.pipeline == "ssd" and cfg.moco.weight > 0
-    parts = nn.ModuleDict({"model": model})
-    if use_moco:
-        queue = min(cfg.moco.queue_size, len(data.train))
-        parts["moco"] = MoCo(model.backbone, model.backbone.feature_dim, dim=cfg.moco.dim, queue_size=queue,
-                             momentum=cfg.moco.momentum, temperature=cfg.moco.temperature,
-                             label_aware=cfg.moco.label_aware)
+    with seeded(ctx.cfg.seed):
+        model = build_classifier(ctx.cfg.model.arch, data.in_channels, data.num_classes,
+                                 cosine_head=cfg.loss.name == "ldam")
+        parts = nn.ModuleDict({"model": model})
+        if use_moco:
+            queue = min(cfg.moco.queue_size, len(data.train))
+            parts["moco"] = MoCo(model.backbone, model.backbone.feature_dim, dim=cfg.moco.dim, queue_size=queue,
+                                 momentum=cfg.moco.momentum, temperature=cfg.moco.temperature,
+                                 label_aware=cfg.moco.label_aware)
     parts.to(ctx.device)
-    criterion = build_loss(cfg.loss, torch.as_tensor(data.class_counts)).to(ctx.device)
+    criterion = build_loss(cfg.loss, torch.as_tensor(data.class_counts), ctx.generator(6)).to(ctx.device)
     backbone = compiled(model.backbone, ctx.cfg.compile)
     if use_moco:
         parts["moco"].compile_keys(ctx.cfg.compile)
@@ -152,8 +153,8 @@ def rebalance(ctx: RunContext, model: Classifier) -> Classifier:
             log.info("tau-norm: τ=%.1f picked on the validation split", tau)
         return Classifier(backbone, TauNormClassifier(model.head, float(tau))).to(ctx.device)
     if cfg.method == "crt":
-        torch.manual_seed(ctx.cfg.seed + 2)
-        head = nn.Linear(backbone.feature_dim, data.num_classes)  # cRT: re-initialised, re-trained
+        with seeded(ctx.cfg.seed + 2):
+            head = nn.Linear(backbone.feature_dim, data.num_classes)  # cRT: re-initialised, re-trained
     else:
         head = LWSClassifier(model.head)
     head.to(ctx.device)
@@ -242,8 +243,9 @@ def distill(ctx: RunContext, source) -> TwoHeadStudent:
 def distill_objective(ctx: RunContext, targets) -> tuple[TwoHeadStudent, LossFn]:
     """Stage III's fresh two-head student on the device and its loss, given `targets(batch)` -> soft-label rows."""
     cfg, data = ctx.cfg.stage3, ctx.data
-    torch.manual_seed(ctx.cfg.seed + 3)
-    student = TwoHeadStudent(build_backbone(ctx.cfg.model.arch, data.in_channels), data.num_classes).to(ctx.device)
+    with seeded(ctx.cfg.seed + 3):
+        student = TwoHeadStudent(build_backbone(ctx.cfg.model.arch, data.in_channels), data.num_classes)
+    student.to(ctx.device)
     forward = compiled(student, ctx.cfg.compile)
 
     def loss_fn(batch, progress):
