@@ -154,6 +154,23 @@ def apply_resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.T
     return torch.where(to_device(flips, images.device)[:, None, None, None], out.flip(-1), out)
 
 
+def resized_crop_uint8(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """apply_resized_crop's CPU form on uint8: torchvision RandomResizedCrop's own ops per image (slice the integer
+    box, antialiased bilinear resize), then the flip; uint8 (N, C, H, W) -> uint8 (N, C, size, size).
+
+    The boxes of `sample_resized_crop_boxes` are whole pixels, so slicing reads exactly the crop torchvision reads.
+    On a CPU, PyTorch's uint8 channels-last resize kernel is about 2x faster than roi_align on float and leaves a
+    quarter of the bytes to convert; but it loops over the batch in Python, so a GPU (and a CUDA graph) takes
+    apply_resized_crop, which differs only in the resampling at the crop's outer half-pixel ring.
+    """
+    crops = []
+    for i, ((x0, y0, x1, y1), flip) in enumerate(zip(boxes.round().long().tolist(), flips.tolist())):
+        crop = F.interpolate(images[i : i + 1, :, y0:y1, x0:x1], size=(size, size), mode="bilinear",
+                             antialias=True, align_corners=False)[0]
+        crops.append((crop.flip(-1) if flip else crop).permute(1, 2, 0))
+    return torch.stack(crops).permute(0, 3, 1, 2)  # stacked as NHWC (a plain copy), returned channels-last
+
+
 def sample_jitter_factors(
     n: int,
     brightness: float,
@@ -208,18 +225,22 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, 1)
 
 
-def apply_color_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def apply_color_jitter(images: torch.Tensor, factors: torch.Tensor, hue: bool = True) -> torch.Tensor:
     """Apply per-image (brightness, contrast, saturation, hue) factors to float [0, 1] images, in that fixed order.
 
     Each step matches torchvision's adjust_* for one image. torchvision ColorJitter shuffles the four steps per call;
     we keep the fixed order b, c, s, h (a documented difference: a per-image order would need a loop or 24 branches).
-    For C=1 images saturation and hue are skipped, as torchvision does for grayscale inputs.
+    For C=1 images saturation and hue are skipped, as torchvision does for grayscale inputs. hue=False skips the HSV
+    round trip for factors drawn with hue=0 (ColorJitter(hue=0) does not shift), which the torch.where below would
+    otherwise compute for the whole batch.
     """
     factors = to_device(factors, images.device, images.dtype)
     out = (images * factors[:, 0, None, None, None]).clamp(0, 1)
     out = _blend(out, _grayscale(out).mean((-3, -2, -1), keepdim=True), factors[:, 1])
     if images.shape[1] == 3:
         out = _blend(out, _grayscale(out), factors[:, 2])
+        if not hue:
+            return out
         shift = factors[:, 3]
         # Unshifted images skip the HSV round trip so they stay bit-exact.
         out = torch.where((shift != 0)[:, None, None, None], _shift_hue(out, shift), out)

@@ -11,11 +11,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from trainer import augment
 from trainer.config import AugmentConfig
 from trainer.datasets import ImageSet
 from trainer.distributed import shard_epoch
+from trainer.image_cache import open_cached
 from trainer.samplers import epoch_indices
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class Draw:
     crop: torch.Tensor | None = None  # (B, 3) crop + flip of the standard view (augment.sample_crop_flip)
     key: torch.Tensor | None = None  # (B, 10) MoCo key-view parameters (augment.sample_moco_view)
     views: torch.Tensor | None = None  # (B,) index of the stored view each image replays (views mode)
+    raw: torch.Tensor | None = None  # (B, S, S, 3) uint8 rows gathered on the host (CachedBatches)
+    resized_crop: torch.Tensor | None = None  # (B, 9) box, flip, jitter factors of a random-resized-crop view
 
 
 class DeviceBatches:
@@ -160,6 +164,10 @@ class ListFileImages(Dataset):
     def __init__(self, split: ImageSet, transform: v2.Transform, key_transform: v2.Transform | None = None):
         self.split, self.transform, self.key_transform = split, transform, key_transform
         self.broken: set[int] = set()
+        self._pixels = None  # the split's decoded-image cache, opened in the process that reads it
+
+    def __getstate__(self) -> dict:  # DataLoader workers open the memory map themselves
+        return {**self.__dict__, "_pixels": None}
 
     def __len__(self) -> int:
         return len(self.split)
@@ -170,6 +178,10 @@ class ListFileImages(Dataset):
         return i, int(self.split.labels[i]), self.transform(image), key
 
     def _decode(self, i: int) -> torch.Tensor:
+        if self.split.cache is not None:  # decoded once; its undecodable files already stood in for
+            if self._pixels is None:
+                self._pixels = open_cached(self.split.cache)
+            return torch.from_numpy(np.array(self._pixels[i])).permute(2, 0, 1)
         if i not in self.broken:
             try:
                 return read_rgb(self.split.root / self.split.paths[i])
@@ -243,15 +255,107 @@ class LoaderBatches:
 
 def make_batches(data, split: ImageSet, device, batch_size, *, train: bool, augment_cfg=None, sampler="instance",
                  key_view=False, image_size=224, num_workers=4, view_records=None, shard=None):
-    """The right batch source for a split: on-device tensors for in-memory data, a DataLoader for list files."""
+    """The right batch source for a split: on-device tensors for in-memory data, rows of the decoded-image cache
+    augmented on the device (data.cache_size), else a DataLoader that decodes the files."""
     if split.images is not None:
         return DeviceBatches(split, data.mean, data.std, device, batch_size,
                              augment_cfg if train else None, sampler if train else "instance", key_view and train,
                              view_records=view_records if train else None, shard=shard)
     if view_records is not None:
         raise ValueError("views-mode soft labels need an in-memory dataset (CIFAR, Fashion-MNIST); use clean or online")
+    if split.cache is not None:
+        return CachedBatches(split, data.mean, data.std, device, batch_size, image_size, train,
+                             sampler if train else "instance", key_view and train, shard=shard)
     return LoaderBatches(split, data.mean, data.std, device, batch_size, image_size, num_workers, train, sampler, key_view,
                          shard=shard)
+
+
+class CachedBatches:
+    """Image files read from their decoded-image cache (trainer/image_cache.py) and augmented on the device.
+
+    Each batch's uint8 rows are gathered from the memory map on the host (in file order, so reads stay sequential)
+    and copied to the device; `realize` then runs device ops only, as DeviceBatches does for in-memory data, so the
+    step (and its CUDA graph) holds the augmentation. Training: list_file_transforms' query view, RandomResizedCrop
+    (scale 0.08-1) + ColorJitter(0.4, 0.4, 0.4) + flip, drawn on the cached square (trainer/augment.py; jitter in a
+    fixed order), and the MoCo-v2 key view when asked. Evaluation: resize to eval_resize(size) (nothing to do when
+    data.cache_size is that size) and the centre crop, as list_file_transforms does.
+    """
+
+    def __init__(self, split: ImageSet, mean, std, device, batch_size: int, size: int, train: bool,
+                 sampler: str = "instance", key_view: bool = False, shard: tuple[int, int] | None = None,
+                 jitter: bool = True):
+        self.pixels = open_cached(split.cache)
+        self.jitter = jitter  # False: RandomResizedCrop + flip only (bench/image_cache.py's like-for-like row)
+        self.labels_cpu, self.labels = split.labels, split.labels.to(device)
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+        self.device, self.batch_size, self.size, self.train = torch.device(device), batch_size, size, train
+        self.sampler, self.key_view, self.shard = sampler, key_view, shard
+        self.cached_size = int(self.pixels.shape[1])
+        # (x / 255 - mean) / std as one multiply-add from uint8: x * scale - shift
+        self.scale, self.shift = (1 / (255 * self.std)).view(1, -1, 1, 1), (self.mean / self.std).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels_cpu) // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels_cpu)
+
+    def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        return map(self.realize, self.draws(progress, generator))
+
+    def draws(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Draw]:
+        """The batches' rows and random view parameters, before augmentation (engine.fit realizes them in the step)."""
+        if self.train:
+            order = epoch_indices(self.labels_cpu, self.sampler, progress, generator)
+        else:
+            order = torch.arange(len(self.labels_cpu))
+        if self.shard is not None:
+            order, generator = shard_epoch(order, generator if self.train else None, *self.shard)
+        for start in range(0, len(order), self.batch_size):
+            yield self.draw(order[start : start + self.batch_size], generator)
+
+    def draw(self, idx: torch.Tensor, generator: torch.Generator | None) -> Draw:
+        ids = np.sort(idx.numpy())  # a batch is a set: reading it in file order keeps the memory map's reads sequential
+        raw = augment.to_device(torch.from_numpy(np.asarray(self.pixels[ids])), self.device)
+        ids = augment.to_device(torch.from_numpy(ids), self.device)
+        resized_crop = key = None
+        if self.train:
+            n, s = len(ids), self.cached_size
+            boxes = augment.sample_resized_crop_boxes(n, s, s, (0.08, 1.0), generator=generator)
+            flips = torch.rand(n, generator=generator) < 0.5
+            jitter = augment.sample_jitter_factors(n, 0.4, 0.4, 0.4, 0.0, generator=generator)
+            resized_crop = augment.to_device(torch.cat([boxes, flips[:, None].float(), jitter], 1), self.device)
+            if self.key_view:
+                key = augment.to_device(augment.sample_moco_view((n, 3, s, s), generator), self.device)
+        return Draw(ids=ids, labels=self.labels[ids], key=key, raw=raw, resized_crop=resized_crop)
+
+    def realize(self, draw: Draw) -> Batch:
+        """Crop, flip and jitter (training) or centre-crop (evaluation) a drawn batch: device ops only on a GPU (no host
+        sync, fixed shapes); on a CPU the crop takes augment.resized_crop_uint8's per-image loop, about 2x faster."""
+        raw = draw.raw.permute(0, 3, 1, 2)  # NCHW in channels-last memory: the layout the uint8 resize is fast in
+        if draw.resized_crop is not None:
+            boxes, flips = draw.resized_crop[:, :4], draw.resized_crop[:, 4] > 0
+            if raw.device.type == "cpu":
+                view = augment.resized_crop_uint8(raw, boxes, flips, self.size)
+                if not self.jitter:  # uint8 straight to normalised float: one pass less over the batch
+                    images = view.float().mul_(self.scale).sub_(self.shift)
+                    return Batch(ids=draw.ids, labels=draw.labels, images=images, key_images=self._key(raw, draw))
+                view = augment.to_float(view)
+            else:
+                view = augment.apply_resized_crop(augment.to_float(raw), boxes, flips, self.size)
+            if self.jitter:
+                view = augment.apply_color_jitter(view, draw.resized_crop[:, 5:], hue=False)
+        else:
+            view = raw if self.cached_size == eval_resize(self.size) else TF.resize(raw, eval_resize(self.size))
+            view = augment.to_float(TF.center_crop(view, self.size))
+        images = augment.normalize(view, self.mean, self.std)
+        return Batch(ids=draw.ids, labels=draw.labels, images=images, key_images=self._key(raw, draw))
+
+    def _key(self, raw: torch.Tensor, draw: Draw) -> torch.Tensor | None:
+        if draw.key is None:
+            return None
+        return augment.normalize(augment.apply_moco_view(raw, draw.key, self.size), self.mean, self.std)
 
 
 def as_numpy_ids(ids: torch.Tensor) -> np.ndarray:

@@ -60,6 +60,15 @@ class DataConfig(Frozen):
     test_list: Path | None = Field(None, description="Test list file (name='list')")
     image_size: int = Field(224, description="Crop size for list-file and folder datasets")
     num_workers: int = Field(4, ge=0, description="DataLoader workers for list-file and folder datasets")
+    cache_size: int | None = Field(
+        None, ge=8, description="Decode each list-file or folder image once, shorter side resized to this many pixels "
+        "and centre-cropped square, into a memory-mapped uint8 cache that later epochs, labels and evaluation read; "
+        "crops and flips are then drawn on the training device (trainer/image_cache.py). 256 for image_size=224 "
+        "(ImageNet's eval resize, 3 x 256^2 = 192 KiB per image), 73 for 64. None: decode every epoch"
+    )
+    cache_dir: Path | None = Field(
+        None, description="Local folder of the decoded-image caches (None: $LTD_CACHE/images or ~/.cache/ltd/images)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -69,6 +78,19 @@ class DataConfig(Frozen):
         if isinstance(data, dict) and data.get("name") == "folder" and data.get("imbalance_factor") is None:
             return {**data, "imbalance_factor": 1.0}
         return data
+
+    @model_validator(mode="after")
+    def _cache_fits_the_crop(self) -> DataConfig:
+        if self.cache_size is None:
+            return self
+        if self.name not in ("folder", "list"):
+            raise ValueError(f"data.cache_size caches decoded image files; data.name={self.name!r} is already held in "
+                             "memory: remove data.cache_size")
+        if self.cache_size < self.image_size:
+            raise ValueError(f"data.cache_size={self.cache_size} is below the crop data.image_size={self.image_size}; "
+                             f"set data.cache_size >= {self.image_size}, e.g. {int(self.image_size * 256 / 224)} "
+                             "(the eval resize)")
+        return self
 
 
 class ModelConfig(Frozen):

@@ -53,7 +53,7 @@ def _inspect_loaded(data_cfg, out_png: Path) -> dict:
     """A built-in dataset (CIFAR, Fashion-MNIST, list files): counts after the configured LT split."""
     from trainer.datasets import load_dataset
 
-    data = load_dataset(data_cfg)
+    data = load_dataset(data_cfg.model_copy(update={"cache_size": None}))  # counting needs no decoded cache
     summary = _summary(data.name, data.class_names, data.class_counts, out_png)
     summary["files"] = len(data.train)
     if data.in_memory:

@@ -8,7 +8,7 @@ import io
 import logging
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 
 from trainer.config import DataConfig
 from trainer.folder import scan_folder_dataset
+from trainer.image_cache import open_or_build
 from trainer.longtail import carve_validation, lt_indices
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,14 @@ CIFAR10_NPZ_CANDIDATES = (REPO_ROOT / ".data" / "cifar10_jpeg.npz", REPO_ROOT.pa
 
 @dataclass(frozen=True)
 class ImageSet:
-    """One split. `images` is uint8 (N, C, H, W) for in-memory datasets; list-file datasets carry `paths` instead."""
+    """One split. `images` is uint8 (N, C, H, W) for in-memory datasets; list-file datasets carry `paths` instead,
+    and with data.cache_size the `.npy` of their decoded images (N, S, S, 3) uint8 (trainer/image_cache.py)."""
 
     labels: torch.Tensor
     images: torch.Tensor | None = None
     paths: tuple[str, ...] | None = None
     root: Path | None = None
+    cache: Path | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -251,9 +254,9 @@ def load_dataset(cfg: DataConfig) -> LongTailData:
     """Read, split long-tailed (LDAM rule), carve the optional balanced val split, and fingerprint."""
     name = resolve_name(cfg)
     if name == "list":
-        return _load_list_dataset(cfg)
+        return _with_cache(_load_list_dataset(cfg), cfg)
     if name == "folder":
-        return _load_folder_dataset(cfg)
+        return _with_cache(_load_folder_dataset(cfg), cfg)
     x_train, y_train, x_test, y_test, names = read_raw(cfg, name)
     if cfg.jpeg_quality is not None:
         x_train, x_test = jpeg_round_trip(x_train, cfg.jpeg_quality), jpeg_round_trip(x_test, cfg.jpeg_quality)
@@ -282,6 +285,17 @@ def load_dataset(cfg: DataConfig) -> LongTailData:
         std=tuple(pixels.std(axis=(0, 2)).round(4).tolist()),
         source_indices=keep,
     )
+
+
+def _with_cache(data: LongTailData, cfg: DataConfig) -> LongTailData:
+    """With data.cache_size, every split of image files decoded once into its memory-mapped cache (built or reused)."""
+    if cfg.cache_size is None:
+        return data
+
+    def cached(split: ImageSet | None) -> ImageSet | None:
+        return None if split is None else replace(split, cache=open_or_build(split, cfg.cache_size, cfg.cache_dir))
+
+    return replace(data, train=cached(data.train), test=cached(data.test), val=cached(data.val))
 
 
 def _load_list_dataset(cfg: DataConfig) -> LongTailData:
