@@ -36,7 +36,8 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="Overrides such a
 RayOpt = Annotated[bool, typer.Option("--ray/--no-ray", help="Run as Ray work (default) or in this process")]
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: local Ray)")]
 PackOpt = Annotated[int, typer.Option("--runs-per-gpu", min=1,
-                                      help="Runs sharing each GPU under Ray (ResNet-32 on CIFAR leaves most of one idle)")]
+                                      help="Runs training at once in one process on each GPU (threads, one CUDA "
+                                           "stream each; ResNet-32 on CIFAR leaves most of a GPU idle)")]
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -53,10 +54,13 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
 
 
 def _run(cfgs: list[RunConfig], use_ray: bool, address: str | None, runs_per_gpu: int = 1) -> list[dict]:
+    """Train `cfgs` on Ray, or in this process one after another; `runs_per_gpu` > 1 trains that many at once in
+    one process (trainer/packing.py): on Ray one task per GPU, with --no-ray here. A failed run does not stop the
+    rest; the failed ones are named at the end."""
     if not use_ray and any(cfg.distributed.num_workers > 1 for cfg in cfgs):
         typer.secho("bad config: distributed.num_workers > 1 trains on Ray Train; drop --no-ray", fg="red", err=True)
         raise typer.Exit(2)
-    from trainer.stages import RunsFailedError, run_pipeline
+    from trainer.stages import RunsFailedError
 
     try:
         if use_ray:
@@ -64,16 +68,9 @@ def _run(cfgs: list[RunConfig], use_ray: bool, address: str | None, runs_per_gpu
 
             init_ray(address)
             return run_pipelines(cfgs, runs_per_gpu=runs_per_gpu)
-        reports, failed = [], []
-        for cfg in cfgs:  # one after another; a failed run does not stop the rest, as on Ray
-            try:
-                reports.append(run_pipeline(cfg))
-            except Exception as err:  # noqa: BLE001 - reported below, with its traceback logged here
-                log.exception("run %s failed", cfg.out_dir)
-                failed.append(f"{cfg.out_dir}: {type(err).__name__}: {err}")
-        if failed:
-            raise RunsFailedError(failed, len(cfgs))
-        return reports
+        from trainer.packing import raise_failures, run_packed
+
+        return raise_failures(run_packed(cfgs, runs_per_gpu))
     except RunsFailedError as err:
         typer.secho(str(err), fg="red", err=True)
         raise typer.Exit(1) from err

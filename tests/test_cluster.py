@@ -71,7 +71,8 @@ def test_share_resources_packs_runs_onto_a_gpu_and_fits_a_node():
 @pytest.mark.slow
 def test_runs_per_gpu_trains_two_seeds_side_by_side_on_one_gpu(tmp_path):
     """A one-GPU node (a logical GPU: Ray schedules by it; torch finds no CUDA here and trains on the CPU): with
-    --runs-per-gpu 2 each seed holds half the GPU and the two run at the same time, where one-per-GPU would queue."""
+    --runs-per-gpu 2 the two seeds share one task holding the whole GPU (trainer/packing.py) and train at the same
+    time, where one-per-GPU would queue."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
@@ -81,6 +82,7 @@ def test_runs_per_gpu_trains_two_seeds_side_by_side_on_one_gpu(tmp_path):
     finally:
         cluster.shutdown()
     tasks = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())["ray_task"] for s in (0, 1)]
-    assert [t["resources"].get("GPU") for t in tasks] == [0.5, 0.5]
-    assert [t["resources"].get("CPU") for t in tasks] == [1.0, 1.0]
+    assert [t["resources"].get("GPU") for t in tasks] == [1.0, 1.0]
+    assert [t["resources"].get("CPU") for t in tasks] == [2.0, 2.0]
+    assert [t["packed_with"] for t in tasks] == [2, 2]
     assert max(t["started"] for t in tasks) < min(t["ended"] for t in tasks), "the two runs overlapped in time"

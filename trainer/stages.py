@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -279,6 +280,11 @@ class RunsFailedError(RuntimeError):
                          "resumes from the runs' checkpoints):\n" + "\n".join(failed))
 
 
+# matplotlib is not thread-safe (its text parser fails when two figures render at once): runs packed into one
+# process (trainer/packing.py) draw their plots one at a time.
+PLOTTING = threading.Lock()
+
+
 def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: LongTailData | None = None) -> dict:
     """Train what `cfg.method` names, evaluate the last epoch on the test set, write metrics.json and plots.
 
@@ -336,9 +342,10 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
     role = "student" if cfg.pipeline == "ssd" else "classifier"
     save_model(ctx.out_dir / "model.pt", final, ctx.spec(final, role, headline(report["final"])))
     (ctx.out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
-    plot_per_class_accuracy(ctx.data.class_counts, report["final"]["per_class"], ctx.data.class_names,
-                            ctx.out_dir / "per_class_accuracy.png", title=f"{cfg.method} on {ctx.data.name}-LT")
-    plot_label_distributions(ctx.data.class_counts, distilled, ctx.out_dir / "label_distributions.png")
+    with PLOTTING:
+        plot_per_class_accuracy(ctx.data.class_counts, report["final"]["per_class"], ctx.data.class_names,
+                                ctx.out_dir / "per_class_accuracy.png", title=f"{cfg.method} on {ctx.data.name}-LT")
+        plot_label_distributions(ctx.data.class_counts, distilled, ctx.out_dir / "label_distributions.png")
     return report
 
 

@@ -12,6 +12,7 @@ import ray
 
 from trainer.config import RunConfig
 from trainer.engine import progress_bar, progress_mode
+from trainer.packing import failures, run_packed
 from trainer.stages import RunsFailedError, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def share_resources(cluster: dict, largest_node_cpus: float, parallel: int = 1, runs_per_gpu: int = 1) -> dict:
     """Ray resources of one training task, from the cluster's totals.
 
-    With GPUs: 1/`runs_per_gpu` of a GPU and the same share of the CPUs per GPU. A ResNet-32 step on CIFAR leaves
-    most of a modern GPU idle (bench/README.md: it is launch-bound), so packing several runs of a table onto one GPU
-    finishes the table sooner; big models keep the default of one run per GPU. Without GPUs: the CPUs shared out
+    With GPUs: 1/`runs_per_gpu` of a GPU and the same share of the CPUs per GPU: separate processes sharing a GPU,
+    which time-slice it (bench/README.md), so `run_pipelines` packs runs into one process instead and this share
+    serves the service's job runner, whose jobs are separate tasks. Without GPUs: the CPUs shared out
     between `parallel` tasks. A task must fit on one node, so its CPUs are capped at the largest node's.
     """
     if runs_per_gpu < 1:
@@ -82,31 +83,88 @@ def _run_pipeline_task(cfg_dict: dict, progress: str, *after: None) -> dict:
 
 
 def run_pipelines(cfgs: list[RunConfig], max_retries: int = 1, runs_per_gpu: int = 1) -> list[dict]:
-    """Run several configs (seeds, methods) as parallel Ray tasks, `runs_per_gpu` of them sharing each GPU; a crashed
-    worker is retried `max_retries` times, and the retry resumes from the stage's last checkpoint in the run folder.
-    A run that fails does not stop the others: all run to the end, then RunsFailedError names the failed ones.
+    """Run several configs (seeds, methods) as parallel Ray tasks; a crashed worker is retried `max_retries` times,
+    and the retry resumes from the stage's last checkpoint in the run folder. A run that fails does not stop the
+    others: all run to the end, then RunsFailedError names the failed ones.
 
-    Configs with `distributed.num_workers` > 1 run one after another, each on Ray Train across the cluster.
+    With GPUs and `runs_per_gpu` K > 1, K runs share one task that holds a whole GPU and trains them at once in its
+    process (trainer/packing.py): separate processes would only time-slice the GPU. Without GPUs the K is moot and
+    each run is its own task, as before. Configs with `distributed.num_workers` > 1 run one after another, each on
+    Ray Train across the cluster.
     """
     single = [cfg for cfg in cfgs if cfg.distributed.num_workers == 1]
-    resources = task_resources(parallel=max(len(single), 1), runs_per_gpu=runs_per_gpu)
+    if runs_per_gpu > 1 and ray.cluster_resources().get("GPU", 0) >= 1:
+        reports, failed = _run_packs(single, runs_per_gpu, max_retries)
+    else:
+        reports, failed = _run_tasks(single, max_retries)
+    reports.update({id(cfg): train_distributed(cfg) for cfg in cfgs if cfg.distributed.num_workers > 1})
+    if failed:
+        raise RunsFailedError(failed, len(cfgs))
+    return [reports[id(cfg)] for cfg in cfgs]
+
+
+def _run_tasks(single: list[RunConfig], max_retries: int) -> tuple[dict[int, dict], list[str]]:
+    """One Ray task per run, the cluster's resources shared out between them."""
+    resources = task_resources(parallel=max(len(single), 1))
     task = ray.remote(max_retries=max_retries, **resources)(_run_pipeline_task)
     refs: dict[int, ray.ObjectRef] = {}
     for cfg, first in zip(single, first_with_same_stage1(single)):  # a run sharing a stage I waits for its trainer
         after = [_settled.remote([refs[id(single[first])]])] if first is not None else []
         refs[id(cfg)] = task.remote(_absolute_paths(cfg).model_dump(mode="json"), worker_progress(), *after)
-    reports = {id(cfg): train_distributed(cfg) for cfg in cfgs if cfg.distributed.num_workers > 1}
-    failed = []
+    reports, failed = {}, []
     for cfg in single:
         try:
             reports[id(cfg)] = ray.get(refs[id(cfg)])
         except ray.exceptions.RayError as err:
             cause = getattr(err, "cause", None) or err
             failed.append(f"{cfg.out_dir}: {type(cause).__name__}: {cause}")
-    if failed:
-        raise RunsFailedError(failed, len(cfgs))
-    return [reports[id(cfg)] for cfg in cfgs]
+    return reports, failed
 
+
+def _run_packs(single: list[RunConfig], runs_per_gpu: int, max_retries: int) -> tuple[dict[int, dict], list[str]]:
+    """Runs in list order, `runs_per_gpu` to a task holding one GPU and its share of the CPUs. A pack waits for the
+    earlier packs that train a stage I one of its runs starts from (runs inside one pack wait on the stage I's
+    lock instead, trainer/stages.py)."""
+    resources = task_resources(runs_per_gpu=1)
+    task = ray.remote(max_retries=max_retries, **resources)(_run_pack_task)
+    packs = [single[i:i + runs_per_gpu] for i in range(0, len(single), runs_per_gpu)]
+    pack_of = {id(cfg): p for p, pack in enumerate(packs) for cfg in pack}
+    firsts = first_with_same_stage1(single)
+    refs: list[ray.ObjectRef] = []
+    for p, pack in enumerate(packs):
+        before = sorted({pack_of[id(single[f])] for cfg, f in zip(single, firsts) if pack_of[id(cfg)] == p
+                         and f is not None and pack_of[id(single[f])] != p})
+        after = [_settled.remote([refs[q] for q in before])] if before else []
+        refs.append(task.remote([_absolute_paths(cfg).model_dump(mode="json") for cfg in pack], worker_progress(),
+                                *after))
+    reports, failed = {}, []
+    for pack, ref in zip(packs, refs):
+        try:
+            results = ray.get(ref)
+        except ray.exceptions.RayError as err:  # the process died: every run in it failed
+            cause = getattr(err, "cause", None) or err
+            failed += [f"{cfg.out_dir}: {type(cause).__name__}: {cause}" for cfg in pack]
+            continue
+        failed += failures(results)
+        reports.update({id(cfg): r for cfg, r in zip(pack, results) if "failed" not in r})
+    return reports, failed
+
+
+def _run_pack_task(cfg_dicts: list[dict], progress: str, *after: None) -> list[dict]:
+    """`_run_pipeline_task` for a pack: its runs at once in this worker (trainer/packing.py), each report with the
+    task's resources, which the pack's runs share."""
+    os.environ["LTD_PROGRESS"] = progress
+    context = ray.get_runtime_context()
+    assigned = context.get_assigned_resources()
+    cfgs, started = [RunConfig.model_validate(c) for c in cfg_dicts], time.time()
+    results = run_packed(cfgs, len(cfgs), threads=max(1, int(assigned.get("CPU", 1))))
+    for cfg, report in zip(cfgs, results):
+        if "failed" in report:
+            continue
+        report["ray_task"] = {"node_id": context.get_node_id(), "resources": assigned, "started": started,
+                              "ended": time.time(), "packed_with": len(cfgs)}
+        (Path(cfg.out_dir) / "metrics.json").write_text(json.dumps(report, indent=1))
+    return results
 
 def first_with_same_stage1(cfgs: list[RunConfig]) -> list[int | None]:
     """For each config, the first earlier one with the same stage1_cache and stage-I recipe (whose finished stage I

@@ -142,3 +142,21 @@ def test_packed_runs_on_one_gpu_match_the_same_runs_alone(tmp_path):
         for key in wa:
             if wa[key].is_floating_point():
                 assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-2, atol=1e-3), key
+
+
+def test_cli_runs_per_gpu_without_ray_trains_seeds_at_once_and_names_a_failure(tmp_path):
+    """`--no-ray --runs-per-gpu 2` packs the seeds into this process and summarises them; failed runs exit 1 with
+    each named, as the sequential path does (tau_norm without a validation split fails in stage II)."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    cli = [*TINY, "stage1.optim.epochs=1"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["multiseed", "--no-ray", "--runs-per-gpu", "2", "--seeds", "0,1", *cli, "method=ce",
+                                 f"out_dir={tmp_path / 'ce'}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ce" / "summary.json").read_text())["seeds"] == [0, 1]
+    result = runner.invoke(app, ["multiseed", "--no-ray", "--runs-per-gpu", "2", "--seeds", "0,1", *cli,
+                                 "method=tau_norm", f"out_dir={tmp_path / 'tau'}"])
+    assert result.exit_code == 1 and "2 of 2 runs failed" in result.output, result.output
