@@ -4,6 +4,7 @@ from store.catalog import (LabelsetSummary, StagingSummary, TrashEntry, delete, 
                            list_trash, purge, restore)
 from store.errors import (
     CorruptChunkError,
+    DenseNotStoredError,
     ImageIdError,
     IncompleteLabelsetError,
     InvalidLabelsetIdError,
@@ -14,11 +15,12 @@ from store.errors import (
 from store.layout import VIEW_PARAM_COLUMNS, validate_labelset_id
 from store.provenance import LabelsetSpec, Provenance
 from store.reader import LabelsetReader
-from store.tempering import dense_from_topk, softmax, top_k
+from store.tempering import dense_from_topk, dense_from_topk_mass, softmax, top_k, top_k_mass
 from store.writer import LabelsetWriter
 
 __all__ = [
     "CorruptChunkError",
+    "DenseNotStoredError",
     "ImageIdError",
     "IncompleteLabelsetError",
     "InvalidLabelsetIdError",
@@ -35,6 +37,7 @@ __all__ = [
     "VIEW_PARAM_COLUMNS",
     "delete",
     "dense_from_topk",
+    "dense_from_topk_mass",
     "describe",
     "list_labelsets",
     "list_staging",
@@ -43,5 +46,6 @@ __all__ = [
     "restore",
     "softmax",
     "top_k",
+    "top_k_mass",
     "validate_labelset_id",
 ]

@@ -41,3 +41,8 @@ class CorruptChunkError(StoreError, ValueError):
         self.chunk = chunk
         # every (array, chunk) found bad; `verify()` reports them all, not only the first
         self.problems = list(problems or ([(array, chunk)] if array is not None else []))
+
+
+class DenseNotStoredError(StoreError):
+    """A top-k labelset asked for what only dense storage holds: logits, or soft labels at another temperature
+    (softmax(logits / T') needs every logit; the top-k form keeps k probabilities and the rest's total mass)."""

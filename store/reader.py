@@ -12,12 +12,13 @@ import numpy as np
 import zarr
 
 from store import tempering
-from store.errors import ImageIdError, IncompleteLabelsetError, LabelsetNotFoundError, StoreError
+from store.errors import DenseNotStoredError, ImageIdError, IncompleteLabelsetError, LabelsetNotFoundError, StoreError
 from store.integrity import check_chunk, iter_chunk_problems, raise_problems, read_chunks
 from store.layout import chunk_bounds, num_chunks, published_path
 from store.provenance import Provenance
 
 DEFAULT_BLOCK_ARRAYS = ("soft_labels", "hard_labels")
+TOPK_BLOCK_ARRAYS = ("topk_classes", "topk_probs", "topk_rest", "hard_labels")
 
 
 class LabelsetReader:
@@ -34,7 +35,8 @@ class LabelsetReader:
 
     Attributes
     ----------
-    num_classes, temperature, num_images, labelset_id, provenance, mode, views_per_image, chunk_rows
+    num_classes, temperature, num_images, labelset_id, provenance, mode, views_per_image, chunk_rows,
+    layout ("dense", or "topk" for a labelset stored as top-k only), top_k (k, or None)
 
     Every chunk is checked against its provenance sha256 the first time this reader decodes it; a chunk that
     fails to decode or to match raises CorruptChunkError (naming array and chunk) instead of returning numbers.
@@ -56,6 +58,7 @@ class LabelsetReader:
         p = self.provenance
         self.num_classes, self.temperature, self.num_images = p.num_classes, p.temperature, p.num_images
         self.mode, self.views_per_image, self.chunk_rows = p.mode, p.views_per_image, p.chunk_rows
+        self.layout, self.top_k_stored = p.layout, p.top_k
         self._specs = p.arrays()
         self._arrays = {name: group[name] for name in self._specs}
         self._verified: set[tuple[str, int]] = set()
@@ -81,8 +84,14 @@ class LabelsetReader:
     def soft_labels(self, image_ids) -> np.ndarray:
         """float32 (n, C) rows softmax(logits/T) summing to 1; in views mode the row of view 0 (the first view).
 
-        Stored as float16; rows are renormalised in float32 so each sums to 1 up to float32 rounding.
+        Stored as float16; rows are renormalised in float32 so each sums to 1 up to float32 rounding. A top-k
+        labelset answers dense rows recovered from its top-k form (`rest` spread evenly over the other classes).
         """
+        if self.layout == "topk":
+            classes, probs, rest = self.topk(image_ids)
+            if self.mode == "views":
+                classes, probs, rest = classes[:, 0], probs[:, 0], rest[:, 0]
+            return tempering.dense_from_topk_mass(classes, probs, rest, self.num_classes)
         probs = self._rows("soft_labels", image_ids)
         if self.mode == "views":
             probs = probs[:, 0]
@@ -94,10 +103,25 @@ class LabelsetReader:
         views = np.broadcast_to(np.asarray(view_indices), ids.shape)
         if views.dtype.kind not in "iu" or (views.size and (views.min() < 0 or views.max() >= self.views_per_image)):
             raise ImageIdError(f"view indices must be integers in 0..{self.views_per_image - 1}")
+        if self.layout == "topk":
+            classes, probs, rest = self.topk(ids)
+            if self.mode == "views":
+                sel = np.arange(len(ids)), views
+                classes, probs, rest = classes[sel], probs[sel], rest[sel]
+            return tempering.dense_from_topk_mass(classes, probs, rest, self.num_classes)
         probs = self._rows("soft_labels", ids)
         if self.mode == "views":
             probs = probs[np.arange(len(ids)), views]
         return _renormalise(probs)
+
+    def topk(self, image_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A top-k labelset's rows: classes int64 (n, [K,] k), probs float32 (n, [K,] k) and rest float32 (n, [K])
+        (the mass of the other C - k classes), as stored; StoreError on a dense labelset."""
+        if self.layout != "topk":
+            raise StoreError(f"labelset {self.labelset_id!r} is dense; use soft_labels() or top_k()")
+        ids = self._check_ids(image_ids)
+        return (self._rows("topk_classes", ids).astype(np.int64), self._rows("topk_probs", ids).astype(np.float32),
+                self._rows("topk_rest", ids).astype(np.float32))
 
     def view_params(self, image_ids) -> np.ndarray:
         """float32 (n, K, 5) replay parameters per view: crop x0, y0, x1, y1 (pixels), flip (views mode only)."""
@@ -107,6 +131,7 @@ class LabelsetReader:
 
     def logits(self, image_ids) -> np.ndarray:
         """float32 teacher logits, (n, C) or (n, K, C) in views mode."""
+        self._need_dense("logits")
         return self._rows("logits", image_ids).astype(np.float32)
 
     def hard_labels(self, image_ids) -> np.ndarray:
@@ -114,12 +139,23 @@ class LabelsetReader:
         return self._rows("hard_labels", image_ids).astype(np.int64)
 
     def retempered(self, image_ids, temperature: float) -> np.ndarray:
-        """float32 softmax(logits / T') at a new temperature T', (n, C) or (n, K, C), from the stored logits."""
+        """float32 softmax(logits / T') at a new temperature T', (n, C) or (n, K, C), from the stored logits.
+
+        A top-k labelset has no logits and raises DenseNotStoredError (the HTTP API answers 409): the k stored
+        probabilities fix only the top-k logits' differences, and the rest's total mass says nothing about how it
+        splits, so softmax at T' != T cannot be recovered without guessing.
+        """
+        if self.layout == "topk" and abs(temperature - self.temperature) > 1e-9:
+            self._need_dense(f"soft labels at T'={temperature}")
+        if self.layout == "topk":
+            return self._all_views_dense(image_ids)
         return tempering.softmax(self._rows("logits", image_ids), temperature)
 
     def top_k(self, image_ids, k: int, temperature: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (indices int32, values float32 renormalised), (n, [K,] k); at T' from the logits if given."""
-        if temperature is None:
+        if self.layout == "topk" and temperature is None:
+            probs = self._all_views_dense(image_ids)
+        elif temperature is None:
             probs = self._rows("soft_labels", image_ids)
         else:
             probs = self.retempered(image_ids, temperature)
@@ -127,12 +163,14 @@ class LabelsetReader:
 
     # ---- bulk and streaming -------------------------------------------------------------------------------
 
-    def read_block(self, start: int, stop: int, arrays: Sequence[str] = DEFAULT_BLOCK_ARRAYS) -> dict[str, np.ndarray]:
+    def read_block(self, start: int, stop: int, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Rows start..stop-1 of `arrays` in one pass, plus "image_ids"; fastest when start/stop are chunk-aligned.
 
         Arrays come back in their stored layout ((n, K, C) in views mode, soft_labels renormalised float32,
-        logits float32, hard_labels int64); the chunk cache is bypassed so a stream does not evict random reads.
+        logits float32, hard_labels int64; topk_classes int64, topk_probs/topk_rest float32); the chunk cache is
+        bypassed so a stream does not evict random reads. Default arrays: soft and hard labels, or a top-k set's form.
         """
+        arrays = arrays or self._block_arrays()
         if not 0 <= start < stop <= self.num_images:
             raise ImageIdError(f"block {start}..{stop} is outside 0..{self.num_images}")
         first, last = start // self.chunk_rows, num_chunks(stop, self.chunk_rows)
@@ -147,11 +185,12 @@ class LabelsetReader:
         return out
 
     def iter_blocks(self, block_rows: int | None = None, prefetch: int = 2,
-                    arrays: Sequence[str] = DEFAULT_BLOCK_ARRAYS) -> Iterator[dict[str, np.ndarray]]:
+                    arrays: Sequence[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Stream the whole labelset in id order as `read_block` dicts; a background thread reads `prefetch` ahead.
 
         `block_rows` is rounded up to whole chunks (default 8 chunks per block).
         """
+        arrays = arrays or self._block_arrays()
         rows = self.chunk_rows * max(1, -(-(block_rows or 8 * self.chunk_rows) // self.chunk_rows))
         starts = iter(range(0, self.num_images, rows))
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelset-prefetch")
@@ -186,6 +225,21 @@ class LabelsetReader:
         return checked
 
     # ---- internals ----------------------------------------------------------------------------------------
+
+    def _block_arrays(self) -> tuple[str, ...]:
+        return TOPK_BLOCK_ARRAYS if self.layout == "topk" else DEFAULT_BLOCK_ARRAYS
+
+    def _need_dense(self, what: str) -> None:
+        if self.layout == "topk":
+            raise DenseNotStoredError(
+                f"labelset {self.labelset_id!r} stores only the top-{self.top_k_stored} form at "
+                f"T={self.temperature} (no logits), so {what} cannot be computed: the rest's mass says nothing "
+                "about how it splits over the other classes. Generate a labelset at that temperature, or one with "
+                "dense storage (labels.dense=true)")
+
+    def _all_views_dense(self, image_ids) -> np.ndarray:
+        """Dense rows (n, [K,] C) of a top-k labelset at its own T."""
+        return tempering.dense_from_topk_mass(*self.topk(image_ids), self.num_classes)
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -246,7 +300,9 @@ def _present(name: str, data: np.ndarray) -> np.ndarray:
         return _renormalise(data)
     if name == "hard_labels":
         return data.astype(np.int64)
-    if name in ("logits", "topk_values"):
+    if name == "topk_classes":
+        return data.astype(np.int64)
+    if name in ("logits", "topk_values", "topk_probs", "topk_rest"):
         return data.astype(np.float32)
     return data
 

@@ -44,3 +44,35 @@ def dense_from_topk(indices: np.ndarray, values: np.ndarray, num_classes: int) -
     dense = np.zeros(idx.shape[:-1] + (num_classes,), dtype=np.float32)
     np.put_along_axis(dense, idx, np.asarray(values, dtype=np.float32), axis=-1)
     return dense
+
+
+def top_k_mass(probs: np.ndarray, k: int, index_dtype: str = "int32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k largest probabilities of each row (largest first, not renormalised) and the mass of the rest.
+
+    Returns (classes (..., k) `index_dtype`, probs float32 (..., k), rest float32 (...,) = 1 - sum of the k).
+    argpartition keeps this O(C) per row, so wide rows (C = 8,142) stay cheap; equal probabilities are ordered by
+    class index, so the result is deterministic and a resumed generation stays byte-identical.
+    """
+    p = np.asarray(probs, dtype=np.float32)
+    num_classes = p.shape[-1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k must be in 1..{num_classes}, got {k}")
+    idx = np.argpartition(-p, k - 1, axis=-1)[..., :k] if k < num_classes else np.broadcast_to(
+        np.arange(num_classes), p.shape).copy()
+    idx.sort(axis=-1)  # class order first, so the stable sort below breaks ties by class index
+    vals = np.take_along_axis(p, idx, axis=-1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    idx, vals = np.take_along_axis(idx, order, axis=-1), np.take_along_axis(vals, order, axis=-1)
+    rest = np.clip(1.0 - vals.sum(axis=-1), 0.0, 1.0).astype(np.float32)
+    return idx.astype(index_dtype), vals, rest
+
+
+def dense_from_topk_mass(classes: np.ndarray, probs: np.ndarray, rest: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dense float32 rows from a top-k labelset: `probs` on the k classes, `rest` spread evenly over the other
+    C - k (FKD's soft-label recovery), each row renormalised to sum to 1 (float16 storage rounds the sums)."""
+    idx = np.asarray(classes, dtype=np.int64)
+    k = idx.shape[-1]
+    fill = np.asarray(rest, dtype=np.float32)[..., None] / max(num_classes - k, 1)
+    dense = np.broadcast_to(fill, idx.shape[:-1] + (num_classes,)).copy()
+    np.put_along_axis(dense, idx, np.asarray(probs, dtype=np.float32), axis=-1)
+    return dense / dense.sum(axis=-1, keepdims=True)

@@ -198,7 +198,12 @@ class LabelsetWriter:
         sums = 0
         for chunk in range(self.num_chunks):
             start, stop = self.chunk_bounds(chunk)
-            probs = self._arrays["soft_labels"][start:stop]
+            if p.dense:
+                probs = self._arrays["soft_labels"][start:stop]
+            else:  # one chunk of dense rows at a time, FKD's recovery of the top-k form
+                probs = tempering.dense_from_topk_mass(self._arrays["topk_classes"][start:stop],
+                                                       self._arrays["topk_probs"][start:stop],
+                                                       self._arrays["topk_rest"][start:stop], p.num_classes)
             sums = sums + content.class_sums(probs, self._arrays["hard_labels"][start:stop], p.num_classes)
         return content.summarize(sums, p.views_per_image, p.class_names)
 
@@ -228,8 +233,13 @@ class LabelsetWriter:
                 or labels.min() < 0 or labels.max() >= p.num_classes):
             raise ValueError(f"chunk {chunk_index} needs {rows} integer hard labels in 0..{p.num_classes - 1}")
         probs = tempering.softmax(stored, p.temperature)
-        out = {"logits": stored, "soft_labels": probs.astype(np.float16), "hard_labels": labels.astype(np.int32)}
-        if p.top_k:
+        if not p.dense:
+            classes, top, rest = tempering.top_k_mass(probs, p.top_k, self._arrays["topk_classes"].dtype.name)
+            out = {"topk_classes": classes, "topk_probs": top.astype(np.float16),
+                   "topk_rest": rest.astype(np.float16), "hard_labels": labels.astype(np.int32)}
+        else:
+            out = {"logits": stored, "soft_labels": probs.astype(np.float16), "hard_labels": labels.astype(np.int32)}
+        if p.dense and p.top_k:
             idx, vals = tempering.top_k(probs, p.top_k)
             out["topk_indices"], out["topk_values"] = idx, vals.astype(np.float16)
         if p.mode == "views":
@@ -258,8 +268,11 @@ def _build_staging(folder: Path, provenance: Provenance) -> None:
         attributes = {"description": spec.description}
         if spec.name == "view_params":
             attributes["columns"] = list(VIEW_PARAM_COLUMNS)
+        outer = (provenance.chunk_rows,) + spec.row_shape
+        # sharded: the writer still owns whole chunk_rows blocks (one shard file each); inner chunks decode alone
+        inner = (provenance.inner_chunk_rows,) + spec.row_shape if provenance.inner_chunk_rows else None
         group.create_array(
-            spec.name, shape=spec.shape, dtype=spec.dtype, chunks=(provenance.chunk_rows,) + spec.row_shape,
-            compressors=compressors(spec.dtype), fill_value=spec.fill_value, dimension_names=spec.dims,
-            attributes=attributes,
+            spec.name, shape=spec.shape, dtype=spec.dtype, chunks=inner or outer, shards=outer if inner else None,
+            compressors=compressors(spec.dtype, provenance.codec), fill_value=spec.fill_value,
+            dimension_names=spec.dims, attributes=attributes,
         )

@@ -200,6 +200,21 @@ class Stage3Config(Frozen):
     views_per_image: int = Field(8, ge=1, description="K augmented views stored per image in 'views' mode")
 
 
+class LabelsConfig(Frozen):
+    """How a labelset made from this run's teacher is stored (`ltd labels generate`, labels jobs)."""
+
+    top_k: int | None = Field(None, ge=1, description="Store the k most probable classes per image (and view), their "
+                              "fp16 probabilities and the fp16 mass of the rest (None: no top-k form)")
+    dense: bool = Field(True, description="Also store logits and dense soft labels; false keeps only the top-k form "
+                        "(needs top_k; such a labelset cannot be re-tempered)")
+
+    @model_validator(mode="after")
+    def _topk_when_sparse(self) -> LabelsConfig:
+        if not self.dense and self.top_k is None:
+            raise ValueError("labels.dense=false keeps only the top-k form: set labels.top_k (e.g. 10)")
+        return self
+
+
 class Stage4Config(Frozen):
     enabled: bool = Field(True, description="Re-balance a student head with LWS after distillation")
     head: Literal["hard", "soft"] = Field(
@@ -263,6 +278,7 @@ class RunConfig(Frozen):
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     stage4: Stage4Config = Stage4Config()
+    labels: LabelsConfig = LabelsConfig()
     experts: ExpertsConfig = ExpertsConfig()
     distributed: DistributedConfig = DistributedConfig()
     seed: int = Field(0, description="Seed of model init, sampling and augmentation")
