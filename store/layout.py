@@ -27,8 +27,8 @@ Row i of every array is training image `image_id = i`. Modes: `clean` = one teac
 Every array is chunked along images only, with the same `chunk_rows` (chosen so the widest array's chunk is about
 512 KiB, or `DENSE_CHUNK_BYTES` for dense sets), so one writer owns whole chunks of every array. With
 `inner_chunk_rows` each such chunk is a Zarr v3 shard of smaller inner chunks (a random read decodes one inner
-chunk). Chunks are compressed with the provenance's `codec` (CODECS below; Blosc-LZ4 by default since layout 2,
-Blosc-zstd before: bench/results/label_store-cpu.json) followed by a crc32c codec, so plain zarr readers also
+chunk). Chunks are compressed with the provenance's `codec` (CODECS below; Blosc-zstd level 3 by default, as in
+layout 1) followed by a crc32c codec, so plain zarr readers also
 detect damaged bytes; zarr records every array's codecs in its own metadata, so older stores read unchanged. The chunk checksum stored in the
 provenance is sha256 over the chunk's decoded numbers (C order, little-endian, stored dtype).
 """
@@ -52,7 +52,7 @@ TRASH_RECORD = "trashed.json"  # inside a trashed labelset: id, deletion time, p
 STAGED_GROUP = "labelset"
 DONE_DIR = "done"
 TARGET_CHUNK_BYTES = 512 * 1024
-DENSE_CHUNK_BYTES = 4 * 1024 * 1024  # dense sets: larger chunks stream and write faster (bench/label_store.py)
+DENSE_CHUNK_BYTES = TARGET_CHUNK_BYTES  # dense sets; kept at layout 1's size until bench/label_store.py measures others
 TOPK_ARRAYS = ("topk_classes", "topk_probs", "topk_rest")
 # codec name -> Blosc settings (None: no compression); crc32c always follows
 CODECS = {
@@ -62,7 +62,7 @@ CODECS = {
     "zstd3": {"cname": "zstd", "clevel": 3},
     "zstd5": {"cname": "zstd", "clevel": 5},
 }
-DEFAULT_CODEC = "lz4"
+DEFAULT_CODEC = "zstd3"  # layout 1's codec; not re-chosen yet (no codec sweep on the real code path so far)
 LEGACY_CODEC = "zstd3"  # what layout 1 wrote
 VIEW_PARAM_COLUMNS = ("x0", "y0", "x1", "y1", "flip")
 MODES = ("clean", "views")
