@@ -16,7 +16,7 @@ import torch
 
 from trainer.config import DataConfig
 from trainer.folder import scan_folder_dataset
-from trainer.image_cache import open_or_build
+from trainer.image_cache import fingerprint, open_or_build
 from trainer.longtail import carve_validation, lt_indices
 
 log = logging.getLogger(__name__)
@@ -208,17 +208,6 @@ def jpeg_round_trip(images: np.ndarray, quality: int) -> np.ndarray:
         decoded = np.asarray(Image.open(buffer).convert(mode))
         out[i] = decoded[None] if mode == "L" else decoded.transpose(2, 0, 1)
     return out
-
-
-def fingerprint(images: np.ndarray | None, labels: np.ndarray, paths: tuple[str, ...] | None = None) -> str:
-    """sha256 over the training list's content in image-id order: the key the label store checks."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    if images is not None:
-        h.update(np.ascontiguousarray(images).tobytes())
-    for p in paths or ():
-        h.update(p.encode() + b"\n")
-    return h.hexdigest()[:16]
 
 
 def resolve_name(cfg: DataConfig) -> str:

@@ -53,10 +53,19 @@ def decode_resized(path: str | os.PathLike, size: int) -> np.ndarray:
     return np.asarray(TF.center_crop(TF.resize(rgb, size), size))
 
 
+def fingerprint(images: np.ndarray | None, labels: np.ndarray, paths: tuple[str, ...] | None = None) -> str:
+    """sha256 over the training list's content in image-id order: the key the label store checks."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    if images is not None:
+        h.update(np.ascontiguousarray(images).tobytes())
+    for p in paths or ():
+        h.update(p.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
 def cache_key(root: Path, paths: tuple[str, ...], labels: np.ndarray, size: int) -> str:
     """What the cache's pixels depend on: the split's fingerprint, its root, each file's bytes and mtime, the size."""
-    from trainer.datasets import fingerprint
-
     root = Path(root).resolve()
     h = hashlib.sha256(f"v{CACHE_VERSION} size={size} root={root} list={fingerprint(None, labels, paths)}".encode())
     stats = np.zeros((len(paths), 2), dtype=np.int64)
@@ -128,8 +137,6 @@ def open_or_build(split, size: int, cache_dir: Path | None = None, threads: int 
 def _decode_into(pixels: np.ndarray, root: Path, paths: tuple[str, ...], size: int, threads: int | None
                  ) -> dict[int, str]:
     """Decode every file into its row of `pixels` from a thread pool; returns {row: why} of the files that failed."""
-    from trainer.engine import progress_bar
-
     def decode_chunk(start: int) -> dict[int, str]:
         failed = {}
         for i in range(start, min(start + _CHUNK, len(paths))):
@@ -141,12 +148,13 @@ def _decode_into(pixels: np.ndarray, root: Path, paths: tuple[str, ...], size: i
 
     threads = threads or len(os.sched_getaffinity(0))
     broken: dict[int, str] = {}
-    bar = progress_bar(f"decoding {root.name} once", len(paths), 0, "img")
+    step = max(len(paths) // 10, _CHUNK)  # a log line per ~10 %: trainer.engine's bar would import in a circle
     with ThreadPoolExecutor(threads) as pool:
         for start, failed in zip(range(0, len(paths), _CHUNK), pool.map(decode_chunk, range(0, len(paths), _CHUNK))):
             broken.update(failed)
-            bar.update(min(_CHUNK, len(paths) - start))
-    bar.close()
+            done = min(start + _CHUNK, len(paths))
+            if done == len(paths) or done // step != start // step:
+                log.info("decoding %s once: %d/%d images", root.name, done, len(paths))
     return broken
 
 

@@ -55,13 +55,14 @@ def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
 def alone(tmp_path_factory):
     """The two runs, each trained alone in this process: what packing must reproduce."""
     root = tmp_path_factory.mktemp("alone")
+    torch.set_num_threads(1)  # bit-identity needs the same intra-op thread count as the pack's (threads=1)
     for cfg in configs(root):
         run_pipeline(cfg)
     return root
 
 
 def test_two_runs_packed_equal_the_same_runs_alone(alone, tmp_path):
-    results = run_packed(configs(tmp_path), runs_at_once=2)
+    results = run_packed(configs(tmp_path), runs_at_once=2, threads=1)
     assert failures(results) == []
     assert [r["method"] for r in results] == ["ssd", "lws"]
     for name in ("ssd", "lws"):
@@ -73,7 +74,7 @@ def test_a_failing_run_leaves_the_other_finishing(alone, tmp_path):
     # tau_norm without stage2.tau and without a validation split raises in stage II, once its stage I has trained:
     # a failure in the middle of training, while the SSD run is still going.
     bad = load_config(None, [*TINY, "method=tau_norm", f"out_dir={tmp_path / 'tau'}"])
-    results = run_packed([bad, good], runs_at_once=2)
+    results = run_packed([bad, good], runs_at_once=2, threads=1)
     assert "ValueError" in results[0]["failed"] and "validation split" in results[0]["failed"]
     assert failures(results) == [f"{tmp_path / 'tau'}: {results[0]['failed']}"]
     assert results[1]["method"] == "ssd"
@@ -132,7 +133,7 @@ def test_packed_runs_on_one_gpu_match_the_same_runs_alone(tmp_path):
     extra = ("device=cuda", "cuda_graph=true")
     for cfg in configs(tmp_path / "alone", *extra):
         run_pipeline(cfg)
-    results = run_packed(configs(tmp_path / "packed", *extra), runs_at_once=2)
+    results = run_packed(configs(tmp_path / "packed", *extra), runs_at_once=2, threads=1)
     assert failures(results) == []
     for name in ("ssd", "lws"):
         a, b = numbers(tmp_path / "alone" / name), numbers(tmp_path / "packed" / name)
