@@ -37,6 +37,7 @@ ERRORS: dict[type[Exception], int] = {
     store_errors.InvalidLabelsetIdError: 422,
     store_errors.LabelsetExistsError: 409,
     store_errors.IncompleteLabelsetError: 409,
+    store_errors.DenseNotStoredError: 409,  # a top-k labelset cannot be re-tempered: a state, not a bad request
     store_errors.CorruptChunkError: 500,  # our data is damaged: not the client's fault, and said so
     store_errors.StoreError: 400,
     errors.UnauthorizedError: 401,

@@ -223,6 +223,16 @@ def list_file_transforms(size: int, mean, std, train: bool) -> tuple[v2.Transfor
     return query, key
 
 
+def epoch_order(labels: torch.Tensor, sampler: str, progress: float, generator: torch.Generator | None, train: bool,
+                shard: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Generator | None]:
+    """One epoch's image order for a file-backed source (sampled when training, file order otherwise), cut to this
+    rank's shard; and the generator its augmentation draws from (the shard's own under data parallelism)."""
+    order = epoch_indices(labels, sampler, progress, generator) if train else torch.arange(len(labels))
+    if shard is not None:
+        order, generator = shard_epoch(order, generator if train else None, *shard)
+    return order, generator
+
+
 class LoaderBatches:
     """List-file datasets (ImageNet-LT, iNaturalist): a DataLoader with workers, weighted sampling for re-balancing."""
 
@@ -242,11 +252,8 @@ class LoaderBatches:
         return len(self.split)
 
     def epoch(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Batch]:
-        order = epoch_indices(self.labels_cpu, self.sampler, progress, generator) if self.train else None
-        if self.shard is not None:
-            whole = order if order is not None else torch.arange(len(self.split))
-            order, _ = shard_epoch(whole, generator if self.train else None, *self.shard)
-        loader = DataLoader(self.dataset, self.batch_size, sampler=order.tolist() if order is not None else None,
+        order, _ = epoch_order(self.labels_cpu, self.sampler, progress, generator, self.train, self.shard)
+        loader = DataLoader(self.dataset, self.batch_size, sampler=order.tolist(),
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         for ids, labels, images, key in loader:  # pinned on CUDA: non-blocking copies keep the host ahead of the GPU
             ids, labels, images, key = (t.to(self.device, non_blocking=True) for t in (ids, labels, images, key))
@@ -306,12 +313,7 @@ class CachedBatches:
 
     def draws(self, progress: float = 0.0, generator: torch.Generator | None = None) -> Iterator[Draw]:
         """The batches' rows and random view parameters, before augmentation (engine.fit realizes them in the step)."""
-        if self.train:
-            order = epoch_indices(self.labels_cpu, self.sampler, progress, generator)
-        else:
-            order = torch.arange(len(self.labels_cpu))
-        if self.shard is not None:
-            order, generator = shard_epoch(order, generator if self.train else None, *self.shard)
+        order, generator = epoch_order(self.labels_cpu, self.sampler, progress, generator, self.train, self.shard)
         for start in range(0, len(order), self.batch_size):
             yield self.draw(order[start : start + self.batch_size], generator)
 

@@ -337,7 +337,7 @@ def run_pipeline(cfg: RunConfig, source: SoftLabelSource | None = None, data: Lo
             final = rebalance_student_head(ctx, student)
             score("IV", final)
         if not isinstance(source, OnlineTargets):
-            distilled = TableTargets(source, len(ctx.data.train), torch.device("cpu")).table.sum(0).numpy()
+            distilled = TableTargets(source, len(ctx.data.train), torch.device("cpu")).class_mass().cpu().numpy()
     report["final"] = evaluate(ctx, final.eval())
     role = "student" if cfg.pipeline == "ssd" else "classifier"
     save_model(ctx.out_dir / "model.pt", final, ctx.spec(final, role, headline(report["final"])))

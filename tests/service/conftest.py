@@ -64,14 +64,15 @@ CLASSES = ["cat", "dog", "owl", "eel", "yak"]
 
 
 def write_labelset(root, labelset_id: str, logits: np.ndarray, temperature: float = 2.0, chunk_rows: int = 32,
-                   publish: bool = True):
-    """A labelset with the given (N, C) teacher logits and hard labels i % C, written through the store's writer."""
+                   publish: bool = True, **spec_fields):
+    """A labelset with the given (N, C) teacher logits and hard labels i % C, written through the store's writer;
+    `spec_fields` go into its LabelsetSpec (e.g. top_k=2, dense=False)."""
     from store import LabelsetSpec, LabelsetWriter
 
     n, c = logits.shape
     spec = LabelsetSpec(teacher_checkpoint_hash="0" * 64, dataset_name="synthetic", dataset_fingerprint="f" * 16,
                         num_images=n, num_classes=c, temperature=temperature, class_names=CLASSES[:c],
-                        class_counts=[n // c] * c, chunk_rows=chunk_rows)
+                        class_counts=[n // c] * c, chunk_rows=chunk_rows, **spec_fields)
     writer = LabelsetWriter.create(root, labelset_id, spec)
     labels = np.arange(n) % c
     for chunk in range(writer.num_chunks):

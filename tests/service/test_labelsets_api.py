@@ -43,6 +43,18 @@ def test_retempered_top_k(api, api_roots):
     np.testing.assert_allclose(row["probs"], full[top] / full[top].sum(), atol=2e-6)
 
 
+def test_a_topk_labelset_is_served_at_its_temperature_and_refuses_another(api, api_roots, make_labelset):
+    logits = np.random.default_rng(3).normal(0, 2, (12, 5)).astype(np.float16)
+    make_labelset(api_roots["store"], "sparse", logits, chunk_rows=12, top_k=2, dense=False)
+    row = api.get("/v1/labelsets/sparse/labels/3", params={"top_k": 2}).json()
+    top = np.argsort(-softmax(logits[3].astype(np.float32), 2.0))[:2]
+    assert row["classes"] == top.tolist()
+    refused = api.get("/v1/labelsets/sparse/labels/3", params={"temperature": 4.0})
+    assert refused.status_code == 409, refused.text  # a state of the labelset, not a malformed request
+    assert "dense" in refused.json()["detail"]
+    assert api.get("/v1/labelsets/sparse/labels/3").status_code == 200  # the refusal changed nothing
+
+
 def test_batch_json_keeps_order_and_npy_matches(api, api_roots):
     ids = [5, 0, 99, 5, 64]
     body = api.post("/v1/labelsets/known/labels:batch", json={"image_ids": ids}).json()

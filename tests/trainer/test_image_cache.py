@@ -18,14 +18,7 @@ from trainer.config import DataConfig, load_config
 from trainer.datasets import ImageSet, load_dataset
 from trainer.image_cache import decode_resized, open_cached, open_or_build
 
-RNG = np.random.RandomState(0)
-
-
-def _image(path: Path, mode: str = "RGB", size=(40, 30), fmt: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = RNG.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).convert(mode).save(path, format=fmt)
-    return path
+from test_folder_dataset import _image  # real image files on disk, one writer for both folder-reading suites
 
 
 def _folder(root: Path, sizes: dict[str, int]) -> Path:
@@ -80,7 +73,7 @@ def test_the_key_follows_the_folder_and_the_size_and_a_second_open_decodes_nothi
 
     other_size = _cached(root, cache, "data.cache_size=24", "data.image_size=16").train.cache
     assert other_size != first and open_cached(other_size).shape[1:] == (24, 24, 3)
-    _image(root / "train" / "bee" / "new.jpg")  # another file: another fingerprint
+    _image(root / "train" / "bee" / "new.jpg", size=(40, 30))  # another file: another fingerprint
     added = _cached(root, cache, "data.cache_size=20", "data.image_size=16").train.cache
     edited_file = root / "train" / "ant" / "000.jpg"
     _image(edited_file, size=(31, 45))  # the same list, one file rewritten in place
@@ -94,7 +87,7 @@ def test_a_file_that_fails_to_decode_is_stood_in_for_as_list_file_images_does(tm
     """A split that is not scanned (a list file) holds a zero-byte file: its row is the next decodable image of the
     same class, the same donor ListFileImages picks; the ids stay, the sidecar lists it, a reopen reports it."""
     for name in ("a0.jpg", "a2.png", "b0.jpg"):
-        _image(tmp_path / name)
+        _image(tmp_path / name, size=(40, 30))
     (tmp_path / "a1.jpg").write_bytes(b"")
     split = ImageSet(labels=torch.tensor([0, 0, 0, 1]), paths=("a0.jpg", "a1.jpg", "a2.png", "b0.jpg"), root=tmp_path)
     path = open_or_build(split, 16, tmp_path / "cache")
