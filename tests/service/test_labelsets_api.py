@@ -51,7 +51,7 @@ def test_a_topk_labelset_is_served_at_its_temperature_and_refuses_another(api, a
     assert row["classes"] == top.tolist()
     refused = api.get("/v1/labelsets/sparse/labels/3", params={"temperature": 4.0})
     assert refused.status_code == 409, refused.text  # a state of the labelset, not a malformed request
-    assert "dense" in refused.json()["detail"]
+    assert refused.json()["type"] == "dense_not_stored" and "dense" in refused.json()["detail"]
     assert api.get("/v1/labelsets/sparse/labels/3").status_code == 200  # the refusal changed nothing
 
 
